@@ -1,0 +1,43 @@
+"""Recall encoders by name. Each declares `dim`, `metric` and `needs_pretrained_weights`.
+
+Adding an encoder is one module with a class that has `embed(images) -> (n, dim) float32`,
+plus one line in ENCODERS.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class Encoder(Protocol):
+    name: str
+    dim: int
+    metric: str
+    needs_pretrained_weights: bool
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+
+def _pixels(device: str) -> Encoder:
+    from .pixels import PixelEncoder
+
+    return PixelEncoder(device=device)
+
+
+def _vgg16(device: str) -> Encoder:
+    from .vgg16 import VGG16Encoder
+
+    return VGG16Encoder(device=device)
+
+
+ENCODERS = {"pixels": _pixels, "vgg16": _vgg16}
+
+
+def create_encoder(name: str, device: str = "cpu") -> Encoder:
+    try:
+        factory = ENCODERS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoder '{name}'; choose one of {sorted(ENCODERS)}") from None
+    return factory(device)

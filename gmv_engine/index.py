@@ -1,0 +1,363 @@
+"""The training index in Milvus. This is the only module that talks to Milvus.
+
+Two collections per training set, both keyed by the same primary key:
+- NAME: one row per training image: pk, training_id, contributor_id, content_hash, metadata
+  (JSON) and the recall embedding, indexed with IVF_PQ. What built it (profile, encoder,
+  re-ranker, dims) is recorded as JSON in the collection's description.
+- NAME__rerank: pk and the re-rank feature (DreamSim embedding, or the pixels LPIPS/ℓ2 need),
+  fetched by primary key for the K' recalled rows. Milvus 2.3 allows one vector field per
+  collection, and returning large vectors through search output costs ~30 ms a query
+  (ENVIRONMENT.md), while a primary-key query for 100 rows takes ~10 ms.
+
+The primary key is derived from training_id (63 bits of its SHA-256), so a resumed ingest
+can ask "is this training_id in?" by key, with no string escaping in filter expressions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import CollectionNotFoundError, GMVError, IncompatibleCollectionError, IndexUnavailableError
+
+log = logging.getLogger(__name__)
+# pymilvus logs every failed RPC with a traceback; we wrap those errors in clear ones instead.
+logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+
+SCHEMA_VERSION = 1
+FEATURES_SUFFIX = "__rerank"
+MAX_TRAINING_ID = 1024
+MAX_CONTRIBUTOR_ID = 256
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,180}$")
+
+
+def training_pk(training_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(training_id.encode("utf-8")).digest()[:8], "big") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What built a collection: the pipeline must embed and re-rank queries the same way."""
+
+    profile: str
+    encoder: str
+    encoder_dim: int
+    reranker: str
+    feature_dim: int
+    metric: str = "L2"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps({"gmv": asdict(self)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CollectionInfo | None":
+        try:
+            data = json.loads(text)["gmv"]
+            return cls(**data)
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """IVF_PQ parameters. Zero means "choose from the row count and dim" (see `resolve`)."""
+
+    nlist: int = 0
+    m: int = 0
+    nbits: int = 8
+
+    def resolve(self, rows: int, dim: int) -> "IndexParams":
+        return IndexParams(
+            nlist=self.nlist or default_nlist(rows),
+            m=self.m or default_pq_m(dim),
+            nbits=self.nbits,
+        )
+
+
+def default_nlist(rows: int) -> int:
+    # The usual 4*sqrt(N) lists, but at least ~39 training points per centroid for k-means.
+    return int(max(1, min(65536, round(4 * math.sqrt(max(rows, 1))), rows // 39 or 1)))
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantizers of about 4 dimensions each (dim must divide evenly): fine enough that PQ
+    keeps the true neighbours inside the K' recalled (measured in docs/BENCHMARKS.md)."""
+    target = max(1, dim // 4)
+    for m in range(target, 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+@dataclass
+class Hit:
+    pk: int
+    training_id: str
+    contributor_id: str
+    distance: float  # ℓ2 in the recall embedding space
+
+
+@dataclass
+class TrainingRow:
+    training_id: str
+    contributor_id: str
+    content_hash: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pk(self) -> int:
+        return training_pk(self.training_id)
+
+
+def is_lite_uri(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:"))
+
+
+class TrainingIndex:
+    """All Milvus calls. Construct with any Milvus URI: embedded, standalone or cluster."""
+
+    def __init__(self, uri: str, token: str = "", timeout_s: float = 30.0):
+        from pymilvus import MilvusClient
+
+        self.uri = uri
+        self.timeout_s = timeout_s
+        self.lite = is_lite_uri(uri)
+        if self.lite:
+            try:
+                import milvus_lite  # noqa: F401
+            except ImportError:
+                raise IndexUnavailableError(
+                    f"'{uri}' is a Milvus Lite file URI, but milvus-lite is not installed "
+                    "(`pip install milvus-lite`); note that Lite cannot build IVF_PQ, so GMV would use IVF_FLAT. "
+                    "Use an http:// URI for a Milvus server, or omit --milvus-uri for the embedded one."
+                ) from None
+        try:
+            self.client = MilvusClient(uri=uri, token=token, timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for "cannot connect"
+            raise IndexUnavailableError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- errors ---------------------------------------------------------------------------
+    def _call(self, what: str, fn, *args, **kwargs):
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            return fn(*args, **kwargs)
+        except GMVError:
+            raise
+        except MilvusException as exc:
+            if "can't find collection" in str(exc).lower() or "collection not found" in str(exc).lower():
+                raise CollectionNotFoundError(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
+            raise IndexUnavailableError(f"Milvus at {self.uri} failed to {what}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - grpc/connection errors surface as many types
+            raise IndexUnavailableError(f"Milvus at {self.uri} failed to {what}: {type(exc).__name__}: {exc}") from exc
+
+    # -- collections ----------------------------------------------------------------------
+    @staticmethod
+    def check_name(name: str) -> None:
+        if not _NAME.match(name):
+            raise ValueError(
+                f"collection name '{name}' is not valid: use letters, digits and underscores, starting with a letter"
+            )
+
+    def exists(self, name: str) -> bool:
+        return bool(self._call("list collections", self.client.has_collection, name))
+
+    def list_collections(self) -> list[str]:
+        names = self._call("list collections", self.client.list_collections)
+        return sorted(n for n in names if not n.endswith(FEATURES_SUFFIX))
+
+    def info(self, name: str) -> CollectionInfo:
+        if not self.exists(name):
+            raise CollectionNotFoundError(
+                f"collection '{name}' does not exist in Milvus at {self.uri}; build it with `gmv index build`"
+            )
+        description = self._call("describe collection", self.client.describe_collection, name)
+        info = CollectionInfo.from_json(description.get("description", ""))
+        if info is None:
+            raise IncompatibleCollectionError(f"collection '{name}' was not built by GMV (no GMV description)")
+        return info
+
+    def create(self, name: str, info: CollectionInfo, params: IndexParams, expected_rows: int) -> None:
+        """Create both collections with their indexes, and load them. An existing collection
+        must have been built the same way. The IVF_PQ index is declared now (Milvus builds it
+        per sealed segment) with parameters resolved from the rows expected, because Milvus
+        2.3 only loads, and so only queries, an indexed collection."""
+        from pymilvus import DataType, MilvusClient
+
+        self.check_name(name)
+        if self.exists(name):
+            existing = self.info(name)
+            if existing != info:
+                raise IncompatibleCollectionError(
+                    f"collection '{name}' exists and was built with {existing}; this build asks for {info}. "
+                    "Use another --collection name, or the same profile/encoder/re-ranker."
+                )
+            self.load(name)
+            return
+        if info.feature_dim:
+            features = MilvusClient.create_schema(auto_id=False, description=f"re-rank features of {name}")
+            features.add_field("pk", DataType.INT64, is_primary=True)
+            features.add_field("feature", DataType.FLOAT_VECTOR, dim=info.feature_dim)
+            # Features are fetched by key, never searched: FLAT costs nothing to build.
+            feature_index = self.client.prepare_index_params()
+            feature_index.add_index(field_name="feature", index_type="FLAT", metric_type="L2")
+            self._call("create collection", self.client.create_collection, name + FEATURES_SUFFIX,
+                       schema=features, index_params=feature_index, consistency_level="Strong")
+        schema = MilvusClient.create_schema(auto_id=False, description=info.to_json())
+        schema.add_field("pk", DataType.INT64, is_primary=True)
+        schema.add_field("training_id", DataType.VARCHAR, max_length=MAX_TRAINING_ID)
+        schema.add_field("contributor_id", DataType.VARCHAR, max_length=MAX_CONTRIBUTOR_ID)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=info.encoder_dim)
+        resolved = params.resolve(expected_rows, info.encoder_dim)
+        index_type = self.index_type_for_server()
+        if index_type == "IVF_PQ":
+            build = {"nlist": resolved.nlist, "m": resolved.m, "nbits": resolved.nbits}
+        else:
+            log.warning("Milvus Lite cannot build IVF_PQ; building %s (nlist=%d) instead", index_type, resolved.nlist)
+            build = {"nlist": resolved.nlist}
+        index_params = self.client.prepare_index_params()
+        index_params.add_index(field_name="embedding", index_type=index_type, metric_type=info.metric, params=build)
+        # The main collection last: its existence is what marks the pair as created.
+        self._call("create collection", self.client.create_collection, name, schema=schema,
+                   index_params=index_params, consistency_level="Strong")
+        self.load(name)
+
+    def drop(self, name: str) -> None:
+        for collection in (name + FEATURES_SUFFIX, name):
+            if self._call("list collections", self.client.has_collection, collection):
+                self._call("drop collection", self.client.drop_collection, collection)
+
+    # -- ingest ---------------------------------------------------------------------------
+    def existing(self, name: str, training_ids: Sequence[str]) -> dict[str, str]:
+        """training_id -> content_hash for those already in the collection."""
+        if not training_ids:
+            return {}
+        rows = self._call(
+            "look up training ids", self.client.get, name,
+            ids=[training_pk(t) for t in training_ids], output_fields=["training_id", "content_hash"],
+        )
+        return {row["training_id"]: row["content_hash"] for row in rows}
+
+    def existing_hashes(self, name: str, content_hashes: Sequence[str]) -> dict[str, str]:
+        """content_hash -> training_id for images already in the collection (hex, so safe to quote)."""
+        hashes = sorted(set(content_hashes))
+        if not hashes:
+            return {}
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)
+        rows = self._call(
+            "look up content hashes", self.client.query, name,
+            filter=f"content_hash in {json.dumps(hashes)}", output_fields=["training_id", "content_hash"],
+        )
+        return {row["content_hash"]: row["training_id"] for row in rows}
+
+    def insert(self, name: str, rows: Sequence[TrainingRow], embeddings: np.ndarray, features: np.ndarray) -> None:
+        """Insert one batch. Features go first: a main row is only ever visible with its feature."""
+        if not rows:
+            return
+        pks = [row.pk for row in rows]
+        if features.shape[1]:
+            self._call("insert re-rank features", self.client.upsert, name + FEATURES_SUFFIX,
+                       [{"pk": pk, "feature": vector} for pk, vector in zip(pks, features.astype(np.float32).tolist())])
+        data = [
+            {
+                "pk": pk,
+                "training_id": row.training_id,
+                "contributor_id": row.contributor_id,
+                "content_hash": row.content_hash,
+                "metadata": row.metadata,
+                "embedding": vector,
+            }
+            for pk, row, vector in zip(pks, rows, embeddings.astype(np.float32).tolist())
+        ]
+        self._call("insert training rows", self.client.insert, name, data)
+
+    def count(self, name: str) -> int:
+        rows = self._call("count rows", self.client.query, name, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    # -- index ----------------------------------------------------------------------------
+    def index_type_for_server(self) -> str:
+        return "IVF_FLAT" if self.lite else "IVF_PQ"
+
+    def finish(self, name: str, timeout_s: float = 1800.0, progress=None) -> dict:
+        """Flush (seal) what was inserted and wait until Milvus has indexed every row."""
+        self._call("flush", self.client.flush, name)
+        if self.info(name).feature_dim:
+            self._call("flush", self.client.flush, name + FEATURES_SUFFIX)
+        return self.wait_for_index(name, timeout_s, progress)
+
+    def wait_for_index(self, name: str, timeout_s: float, progress=None) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.index_state(name)
+            if progress:
+                progress(state)
+            if state["indexed_rows"] >= state["total_rows"] and state["pending_index_rows"] == 0:
+                if state["total_rows"] > 0 or self.count(name) == 0:
+                    return state
+            if state["state"] == "Failed":
+                raise IndexUnavailableError(f"Milvus failed to build the index of '{name}': {state}")
+            if time.monotonic() > deadline:
+                raise IndexUnavailableError(f"the index of '{name}' was not built within {timeout_s:.0f} s: {state}")
+            time.sleep(1.0)
+
+    def index_state(self, name: str) -> dict:
+        described = self._call("describe index", self.client.describe_index, name, "embedding")
+        if not described:
+            return {"index_type": None, "state": "None", "total_rows": self.count(name), "indexed_rows": 0,
+                    "pending_index_rows": 0, "params": {}}
+        params = {k: described[k] for k in ("nlist", "m", "nbits") if k in described}
+        return {
+            "index_type": described.get("index_type"),
+            "metric_type": described.get("metric_type"),
+            "state": described.get("state"),
+            "total_rows": int(described.get("total_rows", 0)),
+            "indexed_rows": int(described.get("indexed_rows", 0)),
+            "pending_index_rows": int(described.get("pending_index_rows", 0)),
+            "params": {k: int(v) for k, v in params.items()},
+        }
+
+    def load(self, name: str) -> None:
+        self._call("load collection", self.client.load_collection, name)
+        if self.info(name).feature_dim:
+            self._call("load collection", self.client.load_collection, name + FEATURES_SUFFIX)
+
+    # -- query ----------------------------------------------------------------------------
+    def search(self, name: str, vectors: np.ndarray, limit: int, nprobe: int) -> list[list[Hit]]:
+        """The `limit` nearest training rows of each vector (approximate: IVF_PQ)."""
+        params = {"metric_type": "L2", "params": {"nprobe": nprobe}}
+        results = self._call(
+            "search", self.client.search, name,
+            data=vectors.astype(np.float32).tolist(), limit=limit, search_params=params,
+            output_fields=["training_id", "contributor_id"],
+        )
+        return [
+            [
+                Hit(pk=int(hit["id"]), training_id=hit["entity"]["training_id"],
+                    contributor_id=hit["entity"]["contributor_id"],
+                    distance=float(math.sqrt(max(hit["distance"], 0.0))))  # Milvus L2 is squared
+                for hit in hits
+            ]
+            for hits in results
+        ]
+
+    def fetch_features(self, name: str, pks: Iterable[int]) -> dict[int, np.ndarray]:
+        pks = sorted(set(pks))
+        if not pks:
+            return {}
+        rows = self._call("fetch re-rank features", self.client.query, name + FEATURES_SUFFIX,
+                          filter=f"pk in {pks}", output_fields=["feature"])
+        return {int(row["pk"]): np.asarray(row["feature"], dtype=np.float32) for row in rows}

@@ -1,0 +1,148 @@
+"""The attribution pipeline: decode -> embed -> recall -> re-rank -> quality -> credit.
+
+One `Attributor` serves one collection. It works on batches so that a server can hand it
+many generations at once: one encoder pass, one Milvus search, one feature fetch.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .config import PipelineSettings, get_profile
+from .credit import credits_from_distances, sum_by_contributor
+from .decode import DEFAULT_LIMITS, ImageLimits, decode_image
+from .encoders import Encoder, create_encoder
+from .errors import IncompatibleCollectionError, InvalidArgumentError
+from .index import CollectionInfo, Hit, TrainingIndex
+from .quality import QualityScorer, create_quality
+from .rerankers import Reranker, create_reranker
+
+STAGES = ("decode", "embed", "recall", "rerank", "quality", "credit")
+
+
+@dataclass
+class Credit:
+    rank: int
+    training_id: str
+    contributor_id: str
+    credit: float
+    distance: float
+
+
+@dataclass
+class Attribution:
+    quality: float
+    credits: list[Credit]
+    contributors: list[tuple[str, float]]
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over calls: for benchmarks and metrics."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+class Attributor:
+    def __init__(
+        self,
+        index: TrainingIndex,
+        collection: str,
+        settings: PipelineSettings = PipelineSettings(),
+        device: str = "cpu",
+        encoder: Encoder | None = None,
+        reranker: Reranker | None = None,
+        quality: QualityScorer | None = None,
+        limits: ImageLimits = DEFAULT_LIMITS,
+    ):
+        settings.check()
+        self.index = index
+        self.collection = collection
+        self.settings = settings
+        self.limits = limits
+        self.info: CollectionInfo = index.info(collection)
+        reranker_name = settings.reranker or self.info.reranker
+        if reranker_name not in ("none", self.info.reranker):
+            raise IncompatibleCollectionError(
+                f"collection '{collection}' stores re-rank features for '{self.info.reranker}', not '{reranker_name}'; "
+                f"use --reranker {self.info.reranker} or none, or build a collection with --reranker {reranker_name}"
+            )
+        self.encoder = encoder or create_encoder(self.info.encoder, device=device)
+        if self.encoder.name != self.info.encoder or self.encoder.dim != self.info.encoder_dim:
+            raise IncompatibleCollectionError(
+                f"collection '{collection}' was built with encoder {self.info.encoder} ({self.info.encoder_dim}-d), "
+                f"not {self.encoder.name} ({self.encoder.dim}-d)"
+            )
+        self.reranker = reranker or create_reranker(reranker_name, device=device)
+        quality_name = settings.quality or _profile_quality(self.info.profile)
+        self.quality = quality or create_quality(quality_name, device=device)
+        self.times = StageTimes()
+        index.load(collection)
+
+    def attribute_bytes(self, images: Sequence[bytes], top_k: int | None = None) -> list[Attribution]:
+        with self.times.stage("decode"):
+            decoded = [decode_image(data, self.limits) for data in images]
+        return self.attribute(decoded, top_k)
+
+    def attribute(self, images: Sequence[Image.Image], top_k: int | None = None) -> list[Attribution]:
+        if not images:
+            return []
+        settings = self.settings if top_k is None else replace(self.settings, top_k=top_k)
+        if not 1 <= settings.top_k <= settings.recall_k:
+            raise InvalidArgumentError(f"top_k must be between 1 and {settings.recall_k}, got {settings.top_k}")
+        with self.times.stage("embed"):
+            vectors = self.encoder.embed(images)
+        with self.times.stage("recall"):
+            recalled = self.index.search(self.collection, vectors, settings.recall_k, settings.nprobe)
+        with self.times.stage("rerank"):
+            ranked = self._rerank(images, recalled, settings.top_k)
+        with self.times.stage("quality"):
+            qualities = self.quality.score(images)
+        with self.times.stage("credit"):
+            return [self._credit(kept, float(q), settings.temperature) for kept, q in zip(ranked, qualities)]
+
+    def _rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_k: int) -> list[list[Hit]]:
+        if self.reranker.name != "none":
+            features = self.index.fetch_features(self.collection, (hit.pk for hits in recalled for hit in hits))
+            recalled = [[hit for hit in hits if hit.pk in features] for hits in recalled]
+            distances = self.reranker.distances(images, [
+                np.stack([features[hit.pk] for hit in hits]) if hits else np.zeros((0, self.reranker.feature_dim))
+                for hits in recalled
+            ])
+            recalled = [
+                [replace(hit, distance=float(d)) for hit, d in zip(hits, dists)]
+                for hits, dists in zip(recalled, distances)
+            ]
+        # Lower distance first; ties broken by training_id so results are deterministic.
+        return [sorted(hits, key=lambda hit: (hit.distance, hit.training_id))[:top_k] for hits in recalled]
+
+    @staticmethod
+    def _credit(kept: list[Hit], quality: float, temperature: float) -> Attribution:
+        values = credits_from_distances([hit.distance for hit in kept], quality, temperature)
+        credits = [
+            Credit(rank=i + 1, training_id=hit.training_id, contributor_id=hit.contributor_id,
+                   credit=float(value), distance=hit.distance)
+            for i, (hit, value) in enumerate(zip(kept, values))
+        ]
+        contributors = sum_by_contributor((c.contributor_id for c in credits), (c.credit for c in credits))
+        return Attribution(quality=quality, credits=credits, contributors=contributors)
+
+
+def _profile_quality(profile: str) -> str:
+    try:
+        return get_profile(profile).quality
+    except ValueError:
+        return "none"
