@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 19530
 ATTEMPT_TIMEOUTS_S = (90.0, 120.0)  # a healthy start takes 5-25 s here
-STOP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0  # its graceful stop can take minutes with collections loaded; GMV flushes every write first
 HEALTHZ_PORT_FILE = "gmv-healthz-port"
 SESSION_TTL_S = 10  # etcd lease of each Milvus component's session (Milvus' default: 30 s)
 
@@ -185,7 +185,8 @@ def _stop_group(proc: subprocess.Popen, timeout_s: float) -> None:
                 proc.wait(timeout=1)
                 return
             time.sleep(0.2)
-        log.warning("embedded Milvus group %d still running after %s; escalating", pgid, sig.name)
+        log.info("embedded Milvus (group %d) still running %.0f s after %s; killing it (all writes were flushed)",
+                 pgid, wait_s, sig.name)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -224,10 +225,12 @@ def open_index(milvus_uri: str | None, data_dir: str | Path = ".gmv", port: int 
             index.close()
 
 
-def _loopback_template() -> str:
-    """The `milvus` package's config template with every component's `ip:` set to loopback and
-    a shorter etcd session TTL: after a restart, the new components wait until the previous
-    run's sessions expire (about 20 s with Milvus' default of 30 s)."""
+def _loopback_template(etcd_config: Path) -> str:
+    """The `milvus` package's config template, changed so that servers on one machine neither
+    collide nor hang: every component's `ip:` set to loopback; the embedded etcd given a
+    config file (its peer port is otherwise fixed at 2380, so a second server fails to
+    start); and a shorter etcd session TTL (after a restart the new components wait until
+    the previous run's sessions expire: about 20 s with Milvus' default of 30 s)."""
     import milvus
 
     template = Path(milvus.__file__).parent / "data" / "config.yaml.template"
@@ -237,6 +240,9 @@ def _loopback_template() -> str:
             line = "  ip: 127.0.0.1"
         elif line.strip().startswith("ttl: 30 # ttl value when session"):
             line = f"    ttl: {SESSION_TTL_S}"
+        elif line.startswith("  endpoints: localhost:{{ etcd_port"):
+            lines.append(line)
+            line = f"  config:\n    path: {etcd_config}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -246,13 +252,25 @@ def _serve(data_dir: str, port: int) -> None:
     import milvus
     from milvus import MilvusServer, MilvusServerConfig
 
+    etcd_port, etcd_peer_port = free_port(), free_port()
+    etcd_config = Path(data_dir) / "gmv-etcd.yaml"
+    etcd_config.write_text(
+        "name: gmv-embedded\n"
+        f"listen-client-urls: http://127.0.0.1:{etcd_port}\n"
+        f"advertise-client-urls: http://127.0.0.1:{etcd_port}\n"
+        f"listen-peer-urls: http://127.0.0.1:{etcd_peer_port}\n"
+        f"initial-advertise-peer-urls: http://127.0.0.1:{etcd_peer_port}\n"
+        f"initial-cluster: gmv-embedded=http://127.0.0.1:{etcd_peer_port}\n",
+        encoding="utf-8",
+    )
     template = Path(data_dir) / "gmv-milvus.yaml.template"
-    template.write_text(_loopback_template(), encoding="utf-8")
+    template.write_text(_loopback_template(etcd_config), encoding="utf-8")
     config = MilvusServerConfig(template=str(template))
     config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")  # set only for its own template
     server = MilvusServer(config, wait_for_started=False)
     server.set_base_dir(data_dir)
     server.config.set("proxy_port", port)
+    server.config.set("etcd_port", etcd_port)
     # The server shares our process group, so a group SIGTERM reaches it directly; we only wait
     # for its graceful stop, which revokes its etcd session. (The package's stop() SIGKILLs after
     # 1 s, leaving a session that makes the next start wait for its lease to expire.)

@@ -1,0 +1,84 @@
+"""Shared fixtures: ONE real embedded Milvus per test session, and the digits data set.
+
+Everything runs on a CPU-only machine with no internet: the `offline` profile needs no
+weights, and tests of weight-needing components use stand-ins that are explicit in the test.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def milvus(tmp_path_factory):
+    from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
+
+    server = EmbeddedMilvus(tmp_path_factory.mktemp("milvus"), port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def index(milvus):
+    from gmv_engine.index import TrainingIndex
+
+    training_index = TrainingIndex(milvus.uri)
+    yield training_index
+    training_index.close()
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    from gmv_engine.datasets import export_digits
+
+    return export_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def offline_components():
+    from gmv_engine.encoders import create_encoder
+    from gmv_engine.rerankers import create_reranker
+
+    return create_encoder("pixels"), create_reranker("l2")
+
+
+@pytest.fixture(scope="session")
+def digits_collection(index, digits, offline_components):
+    """The digits training split indexed with the offline profile (built once per session)."""
+    from gmv_engine.index import CollectionInfo
+    from gmv_engine.ingest import ingest, read_manifest
+
+    encoder, reranker = offline_components
+    info = CollectionInfo("offline", encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
+    report = ingest(index, "digits_offline", read_manifest(digits.manifest), info, encoder, reranker, progress=False)
+    assert not report.bad, report.bad
+    return "digits_offline", report
+
+
+def make_info(encoder, reranker, profile: str = "offline"):
+    from gmv_engine.index import CollectionInfo
+
+    return CollectionInfo(profile, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

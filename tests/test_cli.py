@@ -1,0 +1,119 @@
+"""The `gmv` command as a user runs it: real subprocesses, real Milvus."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gmv_engine.embedded_milvus import free_port
+
+GMV = [sys.executable, "-m", "gmv_server.cli"]
+
+
+def gmv(*args, timeout=300):
+    return subprocess.run([*GMV, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes containing `text` (read from /proc: ps truncates)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+@pytest.fixture(scope="module")
+def folder_collection(milvus, digits, tmp_path_factory):
+    """`gmv index build --images` over 60 training digits in contributor folders."""
+    root = tmp_path_factory.mktemp("folder")
+    for png in sorted((digits.root / "train").glob("digit-*/*.png"))[::27][:60]:
+        target = root / png.parent.name / png.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(png, target)
+    result = gmv("index", "build", "--images", str(root), "--collection", "cli_digits", "--profile", "offline",
+                 "--milvus-uri", milvus.uri, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_index_build_reports_ivf_pq(folder_collection):
+    assert "60 inserted" in folder_collection.stdout
+    assert "index IVF_PQ" in folder_collection.stdout and "60/60 rows indexed" in folder_collection.stdout
+
+
+def test_attribute_json_lines(milvus, digits, folder_collection):
+    heldout = sorted((digits.root / "heldout").glob("*.png"))[:3]
+    result = gmv("attribute", *map(str, heldout), "--collection", "cli_digits", "--top-k", "5", "--json",
+                 "--milvus-uri", milvus.uri)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["generation_id"] for r in records] == [p.stem for p in heldout]
+    for record in records:
+        assert set(record) == {"generation_id", "image", "quality", "credits", "contributors"}
+        assert [c["rank"] for c in record["credits"]] == [1, 2, 3, 4, 5]
+        assert set(record["credits"][0]) == {"rank", "training_id", "contributor_id", "credit", "distance"}
+        assert record["credits"][0]["training_id"].startswith("digit-")  # folder mode: relative path
+        assert sum(c["credit"] for c in record["credits"]) == pytest.approx(record["quality"])
+        assert sum(c["credit"] for c in record["contributors"]) == pytest.approx(record["quality"])
+
+
+def test_attribute_table_and_bad_image(milvus, digits, folder_collection, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    good = sorted((digits.root / "heldout").glob("*.png"))[0]
+    result = gmv("attribute", str(good), str(bad), "--collection", "cli_digits", "--milvus-uri", milvus.uri)
+    assert result.returncode == 1
+    assert f"{bad}: image could not be decoded" in result.stderr
+    assert "quality q =" in result.stdout and "contributors:" in result.stdout
+
+
+def test_unknown_collection_is_a_clear_error(milvus, digits):
+    good = sorted((digits.root / "heldout").glob("*.png"))[0]
+    result = gmv("attribute", str(good), "--collection", "nope", "--milvus-uri", milvus.uri)
+    assert result.returncode == 2
+    assert "collection 'nope' does not exist" in result.stderr and "gmv index build" in result.stderr
+
+
+def test_unreachable_milvus_is_a_clear_error(digits):
+    good = sorted((digits.root / "heldout").glob("*.png"))[0]
+    result = gmv("attribute", str(good), "--collection", "x", "--milvus-uri", f"http://127.0.0.1:{free_port()}", timeout=120)
+    assert result.returncode == 2
+    assert "gmv: error:" in result.stderr and "Milvus" in result.stderr
+
+
+def test_embedded_milvus_is_started_and_stopped(tmp_path):
+    data_dir = tmp_path / "gmvdata"
+    result = gmv("index", "info", "--data-dir", str(data_dir), "--milvus-port", str(free_port()))
+    assert result.returncode == 0, result.stderr
+    assert "embedded Milvus is up" in result.stderr
+    assert (data_dir / "milvus").is_dir()
+    assert processes_mentioning(str(data_dir)) == []
+    # A failing command (missing collection) stops it too, and the same data dir serves again.
+    result = gmv("index", "info", "--collection", "nope", "--data-dir", str(data_dir), "--milvus-port", str(free_port()))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert processes_mentioning(str(data_dir)) == []
+
+
+def test_sigterm_stops_the_embedded_milvus(tmp_path, digits):
+    data_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [*GMV, "index", "build", "--manifest", str(digits.manifest), "--collection", "interrupted", "--profile", "offline",
+         "--data-dir", str(data_dir), "--milvus-port", str(free_port()), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not processes_mentioning(f"{data_dir}/milvus/bin/milvus"):
+        time.sleep(0.5)
+    assert processes_mentioning(f"{data_dir}/milvus/bin/milvus"), "the embedded Milvus never started"
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert processes_mentioning(str(data_dir)) == []
