@@ -35,6 +35,10 @@ SCHEMA_VERSION = 1
 FEATURES_SUFFIX = "__rerank"
 MAX_TRAINING_ID = 1024
 MAX_CONTRIBUTOR_ID = 256
+# Attribution reads rows that never change once written, so it reads with Bounded consistency
+# (Strong makes every search wait for a timestamp sync: ~200 ms a call on the embedded
+# Milvus). Ingest asks "is this row already in?" about its own recent writes: Strong.
+INGEST_CONSISTENCY = "Strong"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,180}$")
 
 
@@ -213,7 +217,7 @@ class TrainingIndex:
             feature_index = self.client.prepare_index_params()
             feature_index.add_index(field_name="feature", index_type="FLAT", metric_type="L2")
             self._call("create collection", self.client.create_collection, name + FEATURES_SUFFIX,
-                       schema=features, index_params=feature_index, consistency_level="Strong")
+                       schema=features, index_params=feature_index, consistency_level="Bounded")
         schema = MilvusClient.create_schema(auto_id=False, description=info.to_json())
         schema.add_field("pk", DataType.INT64, is_primary=True)
         schema.add_field("training_id", DataType.VARCHAR, max_length=MAX_TRAINING_ID)
@@ -232,7 +236,7 @@ class TrainingIndex:
         index_params.add_index(field_name="embedding", index_type=index_type, metric_type=info.metric, params=build)
         # The main collection last: its existence is what marks the pair as created.
         self._call("create collection", self.client.create_collection, name, schema=schema,
-                   index_params=index_params, consistency_level="Strong")
+                   index_params=index_params, consistency_level="Bounded")
         self.load(name)
 
     def drop(self, name: str) -> None:
@@ -248,6 +252,7 @@ class TrainingIndex:
         rows = self._call(
             "look up training ids", self.client.get, name,
             ids=[training_pk(t) for t in training_ids], output_fields=["training_id", "content_hash"],
+            consistency_level=INGEST_CONSISTENCY,
         )
         return {row["training_id"]: row["content_hash"] for row in rows}
 
@@ -260,6 +265,7 @@ class TrainingIndex:
         rows = self._call(
             "look up content hashes", self.client.query, name,
             filter=f"content_hash in {json.dumps(hashes)}", output_fields=["training_id", "content_hash"],
+            consistency_level=INGEST_CONSISTENCY,
         )
         return {row["content_hash"]: row["training_id"] for row in rows}
 
@@ -285,7 +291,8 @@ class TrainingIndex:
         self._call("insert training rows", self.client.insert, name, data)
 
     def count(self, name: str) -> int:
-        rows = self._call("count rows", self.client.query, name, filter="", output_fields=["count(*)"])
+        rows = self._call("count rows", self.client.query, name, filter="", output_fields=["count(*)"],
+                          consistency_level=INGEST_CONSISTENCY)
         return int(rows[0]["count(*)"])
 
     # -- index ----------------------------------------------------------------------------
