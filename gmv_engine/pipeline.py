@@ -18,6 +18,7 @@ from .credit import credits_from_distances, sum_by_contributor
 from .decode import DEFAULT_LIMITS, ImageLimits, decode_image
 from .encoders import Encoder, create_encoder
 from .errors import IncompatibleCollectionError, InvalidArgumentError
+from .feature_cache import FeatureCache
 from .index import CollectionInfo, Hit, TrainingIndex
 from .quality import QualityScorer, create_quality
 from .rerankers import Reranker, create_reranker
@@ -67,6 +68,7 @@ class Attributor:
         reranker: Reranker | None = None,
         quality: QualityScorer | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
+        feature_cache_bytes: int = 256 * 1024 * 1024,
     ):
         settings.check()
         self.index = index
@@ -90,6 +92,7 @@ class Attributor:
         quality_name = settings.quality or _profile_quality(self.info.profile)
         self.quality = quality or create_quality(quality_name, device=device)
         self.times = StageTimes()
+        self.feature_cache = FeatureCache(feature_cache_bytes)
         index.load(collection)
 
     def attribute_bytes(self, images: Sequence[bytes], top_k: int | None = None) -> list[Attribution]:
@@ -116,7 +119,7 @@ class Attributor:
 
     def _rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_k: int) -> list[list[Hit]]:
         if self.reranker.name != "none":
-            features = self.index.fetch_features(self.collection, (hit.pk for hits in recalled for hit in hits))
+            features = self._features({hit.pk for hits in recalled for hit in hits})
             recalled = [[hit for hit in hits if hit.pk in features] for hits in recalled]
             distances = self.reranker.distances(images, [
                 np.stack([features[hit.pk] for hit in hits]) if hits else np.zeros((0, self.reranker.feature_dim))
@@ -128,6 +131,15 @@ class Attributor:
             ]
         # Lower distance first; ties broken by training_id so results are deterministic.
         return [sorted(hits, key=lambda hit: (hit.distance, hit.training_id))[:top_k] for hits in recalled]
+
+    def _features(self, pks: set[int]) -> dict[int, np.ndarray]:
+        features = self.feature_cache.get_many(pks)
+        missing = pks.difference(features)
+        if missing:
+            fetched = self.index.fetch_features(self.collection, missing)
+            self.feature_cache.put_many(fetched)
+            features.update(fetched)
+        return features
 
     @staticmethod
     def _credit(kept: list[Hit], quality: float, temperature: float) -> Attribution:

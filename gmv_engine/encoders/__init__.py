@@ -10,6 +10,8 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from ..registry import create
+
 
 class Encoder(Protocol):
     name: str
@@ -36,8 +38,4 @@ ENCODERS = {"pixels": _pixels, "vgg16": _vgg16}
 
 
 def create_encoder(name: str, device: str = "cpu") -> Encoder:
-    try:
-        factory = ENCODERS[name]
-    except KeyError:
-        raise ValueError(f"unknown encoder '{name}'; choose one of {sorted(ENCODERS)}") from None
-    return factory(device)
+    return create(ENCODERS, "encoder", name, device)

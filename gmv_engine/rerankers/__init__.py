@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from ..registry import create
+
 
 class Reranker(Protocol):
     name: str
@@ -64,8 +66,4 @@ RERANKERS = {"none": _none, "l2": _l2, "lpips": _lpips, "dreamsim": _dreamsim}
 
 
 def create_reranker(name: str, device: str = "cpu") -> Reranker:
-    try:
-        factory = RERANKERS[name]
-    except KeyError:
-        raise ValueError(f"unknown re-ranker '{name}'; choose one of {sorted(RERANKERS)}") from None
-    return factory(device)
+    return create(RERANKERS, "re-ranker", name, device)
