@@ -117,3 +117,13 @@ def test_sigterm_stops_the_embedded_milvus(tmp_path, digits):
     process.wait(timeout=60)
     assert process.returncode != 0
     assert processes_mentioning(str(data_dir)) == []
+
+
+def test_models_status_says_what_is_missing():
+    offline = gmv("models", "status", "--profile", "offline")
+    assert offline.returncode == 0, offline.stderr
+    assert "pixels: present" in offline.stdout and "piqe: present" in offline.stdout
+    paper = gmv("models", "status", "--model", "vgg16")
+    if paper.returncode == 0:
+        pytest.skip("vgg16 weights are cached on this machine")
+    assert paper.returncode == 2 and "vgg16: MISSING" in paper.stdout and "gmv models download" in paper.stdout

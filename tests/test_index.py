@@ -72,3 +72,17 @@ def test_default_index_parameters():
     assert default_nlist(1617) == 41  # capped so k-means has ~39 points per list
     assert default_nlist(1_000_000) == 4000
     assert 768 % default_pq_m(768) == 0
+
+
+def test_lite_file_uri_says_it_cannot_build_ivf_pq(tmp_path):
+    from gmv_engine.errors import IndexUnavailableError
+    from gmv_engine.index import TrainingIndex, is_lite_uri
+
+    assert is_lite_uri(str(tmp_path / "gmv.db")) and not is_lite_uri("http://127.0.0.1:19530")
+    try:
+        import milvus_lite  # noqa: F401
+    except ImportError:
+        with pytest.raises(IndexUnavailableError, match="cannot build IVF_PQ"):
+            TrainingIndex(str(tmp_path / "gmv.db"))
+    else:
+        assert TrainingIndex(str(tmp_path / "gmv.db")).index_type_for_server() == "IVF_FLAT"
