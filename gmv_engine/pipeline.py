@@ -95,29 +95,41 @@ class Attributor:
         self.feature_cache = FeatureCache(feature_cache_bytes)
         index.load(collection)
 
-    def attribute_bytes(self, images: Sequence[bytes], top_k: int | None = None) -> list[Attribution]:
+    def attribute_bytes(self, images: Sequence[bytes], top_k: int | Sequence[int] | None = None) -> list[Attribution]:
         with self.times.stage("decode"):
             decoded = [decode_image(data, self.limits) for data in images]
         return self.attribute(decoded, top_k)
 
-    def attribute(self, images: Sequence[Image.Image], top_k: int | None = None) -> list[Attribution]:
+    def attribute(self, images: Sequence[Image.Image], top_k: int | Sequence[int] | None = None) -> list[Attribution]:
+        """Attribute a batch. `top_k` is one k for all, one per image (a server's batch mixes
+        callers), or None for the settings' default."""
         if not images:
             return []
-        settings = self.settings if top_k is None else replace(self.settings, top_k=top_k)
-        if not 1 <= settings.top_k <= settings.recall_k:
-            raise InvalidArgumentError(f"top_k must be between 1 and {settings.recall_k}, got {settings.top_k}")
+        settings = self.settings
+        top_ks = self.check_top_k(top_k, len(images))
         with self.times.stage("embed"):
             vectors = self.encoder.embed(images)
         with self.times.stage("recall"):
             recalled = self.index.search(self.collection, vectors, settings.recall_k, settings.nprobe)
         with self.times.stage("rerank"):
-            ranked = self._rerank(images, recalled, settings.top_k)
+            ranked = self._rerank(images, recalled, top_ks)
         with self.times.stage("quality"):
             qualities = self.quality.score(images)
         with self.times.stage("credit"):
             return [self._credit(kept, float(q), settings.temperature) for kept, q in zip(ranked, qualities)]
 
-    def _rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_k: int) -> list[list[Hit]]:
+    def check_top_k(self, top_k: int | Sequence[int] | None, count: int) -> list[int]:
+        if top_k is None:
+            top_k = self.settings.top_k
+        top_ks = [top_k] * count if isinstance(top_k, int) else list(top_k)
+        if len(top_ks) != count:
+            raise InvalidArgumentError(f"{len(top_ks)} top_k values for {count} images")
+        for k in top_ks:
+            if not 1 <= k <= self.settings.recall_k:
+                raise InvalidArgumentError(f"top_k must be between 1 and {self.settings.recall_k}, got {k}")
+        return top_ks
+
+    def _rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_ks: list[int]) -> list[list[Hit]]:
         if self.reranker.name != "none":
             features = self._features({hit.pk for hits in recalled for hit in hits})
             recalled = [[hit for hit in hits if hit.pk in features] for hits in recalled]
@@ -130,7 +142,7 @@ class Attributor:
                 for hits, dists in zip(recalled, distances)
             ]
         # Lower distance first; ties broken by training_id so results are deterministic.
-        return [sorted(hits, key=lambda hit: (hit.distance, hit.training_id))[:top_k] for hits in recalled]
+        return [sorted(hits, key=lambda hit: (hit.distance, hit.training_id))[:k] for hits, k in zip(recalled, top_ks)]
 
     def _features(self, pks: set[int]) -> dict[int, np.ndarray]:
         features = self.feature_cache.get_many(pks)

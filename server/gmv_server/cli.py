@@ -94,13 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("--collection", required=True)
     _add_milvus_options(drop)
 
-    attribute = commands.add_parser("attribute", help="credits for generated images (in-process pipeline)")
+    attribute = commands.add_parser("attribute", help="credits for generated images (in-process, or --server)")
     attribute.add_argument("images", nargs="+", help="generated image files")
-    attribute.add_argument("--collection", required=True)
+    attribute.add_argument("--collection", help="collection to attribute against (in-process mode)")
+    attribute.add_argument("--server", help="HOST:PORT of a `gmv serve`; the server's collection and settings apply")
     attribute.add_argument("--json", action="store_true", help="one JSON object per line per image")
     _add_pipeline_options(attribute)
     _add_milvus_options(attribute)
     _add_model_options(attribute)
+
+    serve = commands.add_parser("serve", help="serve gmv.v1.AttributionService over gRPC")
+    serve.add_argument("--config", help="TOML file with server settings (see gmv_server/config.py)")
+    serve.add_argument("--collection")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: none)")
+    serve.add_argument("--max-batch-size", type=int, help="images per model batch (default 32)")
+    serve.add_argument("--max-queue-delay-ms", type=float, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--max-queue-size", type=int, help="waiting requests before RESOURCE_EXHAUSTED (default 256)")
+    serve.add_argument("--top-k", type=int, help="default k when a request says 0 (default 10)")
+    serve.add_argument("--recall-k", type=int)
+    serve.add_argument("--nprobe", type=int)
+    serve.add_argument("--temperature", type=float)
+    serve.add_argument("--reranker")
+    serve.add_argument("--quality")
+    serve.add_argument("--grace-s", type=float, help="how long SIGTERM waits for in-flight calls (default 10)")
+    _add_milvus_options(serve)
+    _add_model_options(serve)
 
     models = commands.add_parser("models", help="pretrained weights").add_subparsers(dest="models_command", required=True)
     for name, help_text in (("download", "fetch weights into the cache (needs network)"),
@@ -132,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gmv_engine.models import configure_model_dir
 
     configure_model_dir(getattr(args, "model_dir", None), allow_download=args.command == "models")
-    handlers = {"index": _index, "attribute": _attribute, "models": _models, "demo": _demo}
+    logging.getLogger("gmv.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    handlers = {"index": _index, "attribute": _attribute, "models": _models, "demo": _demo, "serve": _serve}
     try:
         return handlers[args.command](args)
     except (GMVError, ValueError) as exc:
@@ -229,6 +250,10 @@ def _settings(args) -> PipelineSettings:
 
 
 def _attribute(args) -> int:
+    if args.server:
+        return _attribute_remote(args)
+    if not args.collection:
+        raise ValueError("--collection is required (or --server HOST:PORT)")
     from gmv_engine.decode import load_image_file
     from gmv_engine.pipeline import Attributor
 
@@ -250,6 +275,50 @@ def _attribute(args) -> int:
             for (path, _), result in zip(chunk, attributor.attribute([image for _, image in chunk])):
                 print(format_json(path, result) if args.json else format_table(path, result))
     return status
+
+
+def _attribute_remote(args) -> int:
+    import grpc
+    from gmv_client import GMVClient
+
+    status = EXIT_OK
+    with GMVClient(args.server) as client:
+        for name in args.images:
+            path = Path(name)
+            try:
+                result = client.attribute(path.read_bytes(), generation_id=path.stem, top_k=args.top_k)
+            except OSError as exc:
+                print(f"gmv: {path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+                status = EXIT_PARTIAL
+                continue
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise GMVServerError(f"{args.server}: {error.code().name}: {error.details()}") from None
+                print(f"gmv: {path}: {error.details()}", file=sys.stderr)
+                status = EXIT_PARTIAL
+                continue
+            print(format_json(path, result) if args.json else format_table(path, result))
+    return status
+
+
+class GMVServerError(GMVError):
+    """The server refused or failed a call for a reason other than the image itself."""
+
+
+def _serve(args) -> int:
+    import asyncio
+
+    from gmv_server.app import serve
+    from gmv_server.config import ServerConfig
+
+    names = ["collection", "host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "max_queue_size",
+             "top_k", "recall_k", "nprobe", "temperature", "reranker", "quality", "grace_s"]
+    overrides = {name: getattr(args, name) for name in names}
+    overrides["device"] = args.device if args.device != "auto" else None
+    config = ServerConfig.load(args.config, overrides=overrides)
+    with _open(args) as index:
+        asyncio.run(serve(index, config))
+    return EXIT_OK
 
 
 def attribution_record(path: Path, result) -> dict:

@@ -1,0 +1,99 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AttributeRequest(_message.Message):
+    __slots__ = ("generation_id", "image", "top_k")
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    generation_id: str
+    image: bytes
+    top_k: int
+    def __init__(self, generation_id: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class Credit(_message.Message):
+    __slots__ = ("generation_id", "rank", "training_id", "contributor_id", "credit", "distance", "quality")
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    generation_id: str
+    rank: int
+    training_id: str
+    contributor_id: str
+    credit: float
+    distance: float
+    quality: float
+    def __init__(self, generation_id: _Optional[str] = ..., rank: _Optional[int] = ..., training_id: _Optional[str] = ..., contributor_id: _Optional[str] = ..., credit: _Optional[float] = ..., distance: _Optional[float] = ..., quality: _Optional[float] = ...) -> None: ...
+
+class ContributorCredit(_message.Message):
+    __slots__ = ("contributor_id", "credit")
+    CONTRIBUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    contributor_id: str
+    credit: float
+    def __init__(self, contributor_id: _Optional[str] = ..., credit: _Optional[float] = ...) -> None: ...
+
+class AttributionResult(_message.Message):
+    __slots__ = ("generation_id", "quality", "credits", "contributors")
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    generation_id: str
+    quality: float
+    credits: _containers.RepeatedCompositeFieldContainer[Credit]
+    contributors: _containers.RepeatedCompositeFieldContainer[ContributorCredit]
+    def __init__(self, generation_id: _Optional[str] = ..., quality: _Optional[float] = ..., credits: _Optional[_Iterable[_Union[Credit, _Mapping]]] = ..., contributors: _Optional[_Iterable[_Union[ContributorCredit, _Mapping]]] = ...) -> None: ...
+
+class GetIndexInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class IndexInfo(_message.Message):
+    __slots__ = ("collection", "profile", "encoder", "encoder_dim", "reranker", "feature_dim", "quality", "row_count", "index_type", "index_params", "search_params")
+    class IndexParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SearchParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_DIM_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    profile: str
+    encoder: str
+    encoder_dim: int
+    reranker: str
+    feature_dim: int
+    quality: str
+    row_count: int
+    index_type: str
+    index_params: _containers.ScalarMap[str, str]
+    search_params: _containers.ScalarMap[str, str]
+    def __init__(self, collection: _Optional[str] = ..., profile: _Optional[str] = ..., encoder: _Optional[str] = ..., encoder_dim: _Optional[int] = ..., reranker: _Optional[str] = ..., feature_dim: _Optional[int] = ..., quality: _Optional[str] = ..., row_count: _Optional[int] = ..., index_type: _Optional[str] = ..., index_params: _Optional[_Mapping[str, str]] = ..., search_params: _Optional[_Mapping[str, str]] = ...) -> None: ...
