@@ -1,0 +1,216 @@
+"""`gmv serve` over real sockets, against the session's embedded Milvus."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gmv.v1 import attribution_pb2 as pb
+from gmv.v1 import attribution_pb2_grpc as pb_grpc
+from gmv_client import AsyncGMVClient, GMVClient
+from gmv_engine.config import PipelineSettings
+from gmv_engine.datasets import read_heldout
+from gmv_engine.embedded_milvus import free_port
+from gmv_engine.pipeline import Attributor
+
+from test_decode import png_header_only
+
+SERVICE = "gmv.v1.AttributionService"
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def server(milvus, digits_collection, tmp_path_factory):
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", digits_collection[0], "--port", str(port),
+         "--metrics-port", str(metrics_port), "--max-queue-delay-ms", "20", "--milvus-uri", milvus.uri],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    seen = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2).status
+            seen.append(status)
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    else:
+        pytest.fail("server never became SERVING:\n" + log.read_text())
+    yield {"target": f"127.0.0.1:{port}", "metrics_port": metrics_port, "channel": channel, "seen": seen, "log": log,
+           "process": process}
+    channel.close()
+    process.terminate()
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def images(digits):
+    return [(path.stem, path.read_bytes()) for path, _, _ in read_heldout(digits.heldout)[:40]]
+
+
+@pytest.fixture(scope="module")
+def expected(index, digits_collection, images):
+    """The in-process pipeline's results for the same images: what the server must return."""
+    attributor = Attributor(index, digits_collection[0], PipelineSettings())
+    return {gid: result for (gid, _), result in zip(images, attributor.attribute_bytes([data for _, data in images]))}
+
+
+def assert_same(result, reference):
+    assert [c.training_id for c in result.credits] == [c.training_id for c in reference.credits]
+    assert [c.credit for c in result.credits] == pytest.approx([c.credit for c in reference.credits], rel=1e-6)
+    assert [c.distance for c in result.credits] == pytest.approx([c.distance for c in reference.credits], rel=1e-5)
+    assert result.quality == pytest.approx(reference.quality, rel=1e-6)
+
+
+def test_health_serving_only_after_warm_up(server):
+    log = server["log"].read_text()
+    assert log.index("listening on") < log.index("SERVING collection")
+    assert set(server["seen"]) <= {health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING}
+
+
+def test_reflection_lists_the_service(server):
+    stub = reflection_pb2_grpc.ServerReflectionStub(server["channel"])
+    (response,) = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in response.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+def test_index_info(server, digits_collection):
+    with GMVClient(server["target"]) as client:
+        info = client.index_info()
+    assert (info.collection, info.profile, info.encoder, info.reranker, info.quality) == (
+        digits_collection[0], "offline", "pixels", "l2", "piqe")
+    assert info.index_type == "IVF_PQ" and info.row_count == digits_collection[1].inserted
+    assert info.index_params["m"] == "192" and info.search_params["top_k"] == "10"
+
+
+def test_attribute_streams_credits_in_rank_order_equal_to_in_process(server, images, expected):
+    stub = pb_grpc.AttributionServiceStub(server["channel"])
+    for gid, data in images[:4]:
+        credits = list(stub.Attribute(pb.AttributeRequest(generation_id=gid, image=data), timeout=30))
+        assert [c.rank for c in credits] == list(range(1, 11))
+        assert {c.generation_id for c in credits} == {gid}
+        with GMVClient(server["target"]) as client:
+            assert_same(client.attribute(data, gid), expected[gid])
+
+
+def test_attribute_stream_returns_each_generation_once(server, images, expected):
+    with GMVClient(server["target"]) as client:
+        results = list(client.attribute_stream([(gid, data) for gid, data in images]))
+    assert sorted(r.generation_id for r in results) == sorted(gid for gid, _ in images)
+    for result in results:
+        assert_same(result, expected[result.generation_id])
+        assert sum(credit for _, credit in result.contributors) == pytest.approx(result.quality)
+
+
+def test_32_concurrent_clients_get_their_own_results_in_batches(server, images, expected):
+    port = server["metrics_port"]
+    executions, generations = metric(port, "gmv_batch_executions_total"), metric(port, "gmv_generations_attributed_total")
+
+    def one_client(i):
+        gid, data = images[i]
+        with GMVClient(server["target"]) as client:
+            return gid, client.attribute(data, gid)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one_client, range(32)))
+    for gid, result in results:
+        assert result.generation_id == gid
+        assert_same(result, expected[gid])
+    executions = metric(port, "gmv_batch_executions_total") - executions
+    generations = metric(port, "gmv_generations_attributed_total") - generations
+    assert generations == 32
+    assert generations / executions > 1, f"{executions:.0f} batches for 32 generations: no batching"
+
+
+def test_async_client(server, images, expected):
+    import asyncio
+
+    async def main():
+        async with AsyncGMVClient(server["target"]) as client:
+            return await asyncio.gather(*(client.attribute(data, gid, top_k=5) for gid, data in images[:6]))
+
+    for (gid, _), result in zip(images, asyncio.run(main())):
+        assert len(result.credits) == 5
+        assert [c.training_id for c in result.credits] == [c.training_id for c in expected[gid].credits[:5]]
+
+
+@pytest.mark.parametrize("request_kwargs, code, message", [
+    (dict(generation_id="g", image=b""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    (dict(generation_id="g", image=b"garbage"), grpc.StatusCode.INVALID_ARGUMENT, "could not be decoded"),
+    (dict(generation_id="g", image=png_header_only(100_000, 100_000)), grpc.StatusCode.INVALID_ARGUMENT, "pixels"),
+    (dict(generation_id="g", image=b"x" * (21 * 1024 * 1024)), grpc.StatusCode.INVALID_ARGUMENT, "bytes; the limit"),
+    (dict(generation_id="", image=b"x"), grpc.StatusCode.INVALID_ARGUMENT, "generation_id"),
+    (dict(generation_id="g", image=b"x", top_k=1000), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+])
+def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(server, images, request_kwargs, code, message):
+    stub = pb_grpc.AttributionServiceStub(server["channel"])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Attribute(pb.AttributeRequest(**request_kwargs), timeout=30))
+    assert caught.value.code() == code and message in caught.value.details()
+    gid, data = images[0]
+    assert len(list(stub.Attribute(pb.AttributeRequest(generation_id=gid, image=data), timeout=30))) == 10
+
+
+def test_bad_request_in_a_stream_ends_it_with_its_status(server, images):
+    stub = pb_grpc.AttributionServiceStub(server["channel"])
+    requests = [pb.AttributeRequest(generation_id="ok", image=images[0][1]),
+                pb.AttributeRequest(generation_id="broken", image=b"garbage")]
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.AttributeStream(iter(requests), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "broken" in caught.value.details()
+
+
+def test_passed_deadline_is_not_computed(server, images):
+    stub = pb_grpc.AttributionServiceStub(server["channel"])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Attribute(pb.AttributeRequest(generation_id="late", image=images[0][1]), timeout=0.001))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_cli_remote_mode_prints_what_local_mode_prints(server, milvus, digits, digits_collection):
+    paths = [str(path) for path, _, _ in read_heldout(digits.heldout)[:2]]
+    cli = [sys.executable, "-m", "gmv_server.cli", "attribute", *paths, "--json"]
+    remote = subprocess.run([*cli, "--server", server["target"]], capture_output=True, text=True, timeout=120)
+    local = subprocess.run([*cli, "--collection", digits_collection[0], "--milvus-uri", milvus.uri],
+                           capture_output=True, text=True, timeout=120)
+    assert remote.returncode == local.returncode == 0, remote.stderr + local.stderr
+    for r, l in zip(remote.stdout.splitlines(), local.stdout.splitlines()):
+        r, l = json.loads(r), json.loads(l)
+        assert (r["generation_id"], r["image"]) == (l["generation_id"], l["image"])
+        assert [c["training_id"] for c in r["credits"]] == [c["training_id"] for c in l["credits"]]
+        assert r["quality"] == pytest.approx(l["quality"])
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "client"))
+    from generate_stubs import generate
+
+    generate(tmp_path)
+    committed = Path(__file__).resolve().parent.parent / "client" / "gmv" / "v1"
+    for name in ("attribution_pb2.py", "attribution_pb2.pyi", "attribution_pb2_grpc.py"):
+        assert (tmp_path / "gmv" / "v1" / name).read_text() == (committed / name).read_text(), (
+            f"client/gmv/v1/{name} is out of date: run `.venv/bin/python client/generate_stubs.py`")
