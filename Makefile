@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test bench clean venv node
 
 venv: $(STAMP)
 
@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/gmv demo
 
-test: $(STAMP)
+# The Node.js client of tests/test_server.py (built from proto/ alone); skipped without npm.
+node:
+	@if command -v npm >/dev/null; then cd client/node && npm ci --no-audit --no-fund --silent; \
+	else echo "npm not found: the Node.js client test will be skipped"; fi
+
+test: $(STAMP) node
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
 
 clean:
-	rm -rf $(VENV) .gmv .pytest_cache
+	rm -rf $(VENV) .gmv .pytest_cache client/node/node_modules

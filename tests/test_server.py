@@ -214,3 +214,26 @@ def test_committed_stubs_match_the_proto(tmp_path):
     for name in ("attribution_pb2.py", "attribution_pb2.pyi", "attribution_pb2_grpc.py"):
         assert (tmp_path / "gmv" / "v1" / name).read_text() == (committed / name).read_text(), (
             f"client/gmv/v1/{name} is out of date: run `.venv/bin/python client/generate_stubs.py`")
+
+
+NODE_CLIENT = Path(__file__).resolve().parent.parent / "client" / "node"
+
+
+def test_a_node_client_built_from_the_proto_calls_every_rpc(server, digits, images, expected):
+    import shutil
+
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed")
+    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.fail("client/node/node_modules is missing: `make test` installs it with npm ci")
+    paths = [str(path) for path, _, _ in read_heldout(digits.heldout)[:3]]
+    run = subprocess.run(["node", str(NODE_CLIENT / "gmv_client.js"), server["target"], *paths],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    reply = json.loads(run.stdout)
+    assert reply["info"]["index_type"] == "IVF_PQ" and reply["info"]["encoder"] == "pixels"
+    first = Path(paths[0]).stem
+    assert [c["rank"] for c in reply["credits"]] == [1, 2, 3, 4, 5]
+    assert [c["training_id"] for c in reply["credits"]] == [c.training_id for c in expected[first].credits[:5]]
+    assert sorted(r["generation_id"] for r in reply["results"]) == sorted(Path(p).stem for p in paths)
+    assert reply["invalid"] == "INVALID_ARGUMENT"

@@ -1,0 +1,58 @@
+// Calls every RPC of gmv.v1.AttributionService from the .proto alone, and prints one JSON
+// object with what came back:
+//   node gmv_client.js HOST:PORT IMAGE_FILE...
+'use strict';
+const fs = require('fs');
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.join(__dirname, '..', '..', 'proto');
+const definition = protoLoader.loadSync('gmv/v1/attribution.proto', {
+  includeDirs: [PROTO_ROOT], keepCase: true, longs: Number, defaults: true,
+});
+const gmv = grpc.loadPackageDefinition(definition).gmv.v1;
+
+function attribute(client, request) {
+  return new Promise((resolve, reject) => {
+    const credits = [];
+    const call = client.Attribute(request, { deadline: Date.now() + 30000 });
+    call.on('data', (credit) => credits.push(credit));
+    call.on('error', reject);
+    call.on('end', () => resolve(credits));
+  });
+}
+
+function attributeStream(client, requests) {
+  return new Promise((resolve, reject) => {
+    const results = [];
+    const call = client.AttributeStream({ deadline: Date.now() + 30000 });
+    call.on('data', (result) => results.push(result));
+    call.on('error', reject);
+    call.on('end', () => resolve(results));
+    requests.forEach((request) => call.write(request));
+    call.end();
+  });
+}
+
+async function main() {
+  const [target, ...files] = process.argv.slice(2);
+  const client = new gmv.AttributionService(target, grpc.credentials.createInsecure());
+  const info = await new Promise((resolve, reject) =>
+    client.GetIndexInfo({}, (error, reply) => (error ? reject(error) : resolve(reply))));
+  const requests = files.map((file) => ({
+    generation_id: path.basename(file, path.extname(file)), image: fs.readFileSync(file), top_k: 5,
+  }));
+  const credits = await attribute(client, requests[0]);
+  const results = await attributeStream(client, requests);
+  let invalid = null;
+  try {
+    await attribute(client, { generation_id: 'bad', image: Buffer.from('garbage'), top_k: 0 });
+  } catch (error) {
+    invalid = grpc.status[error.code];
+  }
+  console.log(JSON.stringify({ info, credits, results, invalid }));
+  client.close();
+}
+
+main().catch((error) => { console.error(error); process.exit(1); });
