@@ -100,6 +100,17 @@ class GMVClient:
     def index_info(self) -> pb.IndexInfo:
         return self._retrying(lambda: self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout_s))
 
+    def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> pb.IndexInfo:
+        """Block until the server answers (it says UNAVAILABLE while its models load)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=min(5.0, timeout_s))
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            time.sleep(poll_s)
+
     def close(self) -> None:
         self.channel.close()
 

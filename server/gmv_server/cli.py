@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -387,38 +388,53 @@ def _models(args) -> int:
 
 # -- demo -------------------------------------------------------------------------------------
 def _demo(args) -> int:
+    """Index the digits on the embedded Milvus, start `gmv serve` on it, and attribute held-out
+    digits through the client SDK, as a model-serving stack would."""
     from gmv_engine.datasets import export_digits, read_heldout
+    from gmv_engine.embedded_milvus import free_port
     from gmv_engine.ingest import read_manifest
-    from gmv_engine.pipeline import Attributor
-    from gmv_engine.quality import create_quality
 
     device = _device(args)
-    profile, components = _demo_profile(args.profile, device)
+    profile, (encoder, reranker, _) = _demo_profile(args.profile, device)
     print(f"profile: {profile.name} - {profile.description}")
     export = export_digits(args.workdir)
     print(f"dataset: scikit-learn digits as 32x32 RGB PNGs in {export.root}: "
           f"{export.train_count} training images (contributor = class folder), {export.heldout_count} held out")
-    encoder, reranker, quality = components
     collection = f"{args.collection}_{profile.name}"
     with _open(args) as index:
         report = _run_ingest(index, collection, read_manifest(export.manifest), profile.name,
                              encoder, reranker, IndexParams(), 64, True)
         _print_ingest_report(report, collection)
-        attributor = Attributor(index, collection, PipelineSettings(), device=device,
-                                encoder=encoder, reranker=reranker, quality=quality or create_quality(profile.quality, device))
-        heldout = read_heldout(export.heldout)[: args.show]
-        from gmv_engine.decode import load_image_file
+        del encoder, reranker  # the server loads its own
+        port = free_port()
+        command = [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--port", str(port),
+                   "--milvus-uri", index.uri, "--device", device, "--host", "127.0.0.1"]
+        print(f"\nstarting the server: gmv serve --collection {collection} --port {port} (on the same Milvus)")
+        server = subprocess.Popen(command)
+        try:
+            return _demo_through_server(f"127.0.0.1:{port}", read_heldout(export.heldout)[: args.show])
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
 
-        results = attributor.attribute([load_image_file(path)[0] for path, _, _ in heldout])
-        same_class = []
-        for (path, _, label), result in zip(heldout, results):
-            print()
-            print(f"held-out digit {label}:")
-            print(format_table(path, result))
-            same_class.append(sum(c.contributor_id == f"digit-{label}" for c in result.credits) / len(result.credits))
-        print()
-        print(f"share of top-{attributor.settings.top_k} training images from the generation's own class: "
-              f"{sum(same_class) / len(same_class):.3f} (the paper's criterion C1)")
+
+def _demo_through_server(target: str, heldout) -> int:
+    from gmv_client import GMVClient
+
+    with GMVClient(target) as client:
+        info = client.wait_until_ready()
+        print(f"server ready: {info.collection} ({info.index_type} {dict(info.index_params)}, {info.row_count} rows, "
+              f"re-rank {info.reranker}, quality {info.quality})")
+        labels = {path.stem: (path, label) for path, _, label in heldout}
+        results = list(client.attribute_stream([(path.stem, path.read_bytes()) for path, _, _ in heldout]))
+    same_class = []
+    for result in sorted(results, key=lambda r: r.generation_id):
+        path, label = labels[result.generation_id]
+        print(f"\nheld-out digit {label}:")
+        print(format_table(path, result))
+        same_class.append(sum(c.contributor_id == f"digit-{label}" for c in result.credits) / len(result.credits))
+    print(f"\nshare of top-{len(results[0].credits)} training images from the generation's own class: "
+          f"{sum(same_class) / len(same_class):.3f} (the paper's criterion C1)")
     return EXIT_OK
 
 
