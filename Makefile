@@ -28,6 +28,7 @@ test: $(STAMP) node
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_server.py
 
 clean:
 	rm -rf $(VENV) .gmv .pytest_cache client/node/node_modules

@@ -1,0 +1,118 @@
+"""Serving benchmark: latency (p50/p99) and throughput of `gmv serve` against client
+concurrency and the dynamic batcher's max batch size, over real sockets.
+
+    .venv/bin/python bench/bench_server.py [--requests 96] [--batch-sizes 1,8,32] [--concurrency 1,8,32]
+
+Starts a fresh embedded Milvus, indexes the digits with the offline profile (unless
+--profile), then for each max batch size starts a server and drives it with N client
+threads, each with its own channel, sending PNG bytes through the Python client SDK.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def scrape(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="offline")
+    parser.add_argument("--requests", type=int, default=96, help="requests per cell")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    from gmv_client import GMVClient
+    from gmv_engine.config import get_profile
+    from gmv_engine.datasets import export_digits, read_heldout
+    from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
+    from gmv_engine.encoders import create_encoder
+    from gmv_engine.index import CollectionInfo, TrainingIndex
+    from gmv_engine.ingest import ingest, read_manifest
+    from gmv_engine.models import configure_model_dir, pick_device
+    from gmv_engine.rerankers import create_reranker
+
+    configure_model_dir(None)
+    device = pick_device(args.device)
+    profile = get_profile(args.profile)
+    workdir = Path(tempfile.mkdtemp(prefix="gmv-bench-server-"))
+    digits = export_digits(workdir / "digits")
+    images = [(path.stem, path.read_bytes()) for path, _, _ in read_heldout(digits.heldout)]
+    print(f"# GMV serving benchmark\n\nprofile `{profile.name}`; device `{device}`; {platform.machine()}, "
+          f"{os.cpu_count()} CPUs; max queue delay {args.max_queue_delay_ms} ms; {args.requests} requests per cell; "
+          "clients on the same machine (they share its CPUs with the server)\n")
+    print("| max batch | clients | p50 ms | p99 ms | throughput gen/s | mean batch size |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    with EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
+        index = TrainingIndex(milvus.uri)
+        encoder, reranker = create_encoder(profile.encoder, device), create_reranker(profile.reranker, device)
+        info = CollectionInfo(profile.name, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
+        ingest(index, "bench_serve", read_manifest(digits.manifest), info, encoder, reranker, progress=False)
+        index.close()
+        for max_batch in [int(b) for b in args.batch_sizes.split(",")]:
+            port, metrics_port = free_port(), free_port()
+            server = subprocess.Popen(
+                [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "bench_serve", "--port", str(port),
+                 "--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms",
+                 str(args.max_queue_delay_ms), "--milvus-uri", milvus.uri, "--device", device, "--host", "127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                target = f"127.0.0.1:{port}"
+                with GMVClient(target) as client:
+                    client.wait_until_ready()
+                    for gid, data in images[:16]:  # warm the feature cache and the models
+                        client.attribute(data, gid)
+                for clients in [int(c) for c in args.concurrency.split(",")]:
+                    _cell(target, metrics_port, images, max_batch, clients, args.requests)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+
+
+def _cell(target, metrics_port, images, max_batch, clients, total) -> None:
+    from gmv_client import GMVClient
+
+    per_client = max(1, total // clients)
+    executions = scrape(metrics_port, "gmv_batch_executions_total")
+    generations = scrape(metrics_port, "gmv_generations_attributed_total")
+
+    def drive(worker: int) -> list[float]:
+        latencies = []
+        with GMVClient(target) as client:
+            for i in range(per_client):
+                gid, data = images[(worker * per_client + i) % len(images)]
+                start = time.perf_counter()
+                client.attribute(data, gid)
+                latencies.append(time.perf_counter() - start)
+        return latencies
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        latencies = [lat for worker in pool.map(drive, range(clients)) for lat in worker]
+    wall = time.perf_counter() - start
+    batches = scrape(metrics_port, "gmv_batch_executions_total") - executions
+    done = scrape(metrics_port, "gmv_generations_attributed_total") - generations
+    print(f"| {max_batch} | {clients} | {1000 * statistics.median(latencies):.1f} | "
+          f"{1000 * float(np.percentile(latencies, 99)):.1f} | {len(latencies) / wall:.0f} | {done / batches:.1f} |",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

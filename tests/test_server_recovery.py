@@ -1,0 +1,62 @@
+"""The server when Milvus goes away and comes back, and when its collection is missing.
+A Milvus of its own, since this test stops it."""
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from gmv_client import GMVClient
+from gmv_engine.datasets import read_heldout
+from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
+from gmv_engine.index import TrainingIndex
+from gmv_engine.ingest import ingest, read_manifest
+
+from conftest import make_info
+
+
+def test_milvus_down_gives_unavailable_and_the_server_recovers_without_restart(tmp_path, digits, offline_components):
+    milvus_port, port = free_port(), free_port()
+    milvus = EmbeddedMilvus(tmp_path / "milvus", port=milvus_port).start()
+    server = None
+    try:
+        index = TrainingIndex(milvus.uri)
+        encoder, reranker = offline_components
+        ingest(index, "recovery", read_manifest(digits.manifest)[:200], make_info(encoder, reranker), encoder, reranker,
+               progress=False)
+        index.close()
+        server = subprocess.Popen([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "recovery",
+                                   "--port", str(port), "--milvus-uri", milvus.uri],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        image = read_heldout(digits.heldout)[0][0].read_bytes()
+        with GMVClient(f"127.0.0.1:{port}", timeout_s=20, retries=0) as client:
+            client.wait_until_ready(timeout_s=180)
+            assert len(client.attribute(image, "before").credits) == 10
+            milvus.stop()
+            with pytest.raises(grpc.RpcError) as caught:
+                client.attribute(image, "while-down")
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "Milvus" in caught.value.details()
+            milvus.start()
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    assert len(client.attribute(image, "after").credits) == 10
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE
+                    assert time.monotonic() < deadline, "the server did not recover within 120 s of Milvus returning"
+                    time.sleep(2)
+            assert server.poll() is None  # the same server process throughout
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+        milvus.stop()
+
+
+def test_serve_refuses_a_missing_collection(milvus):
+    result = subprocess.run([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "absent",
+                             "--port", str(free_port()), "--milvus-uri", milvus.uri],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "collection 'absent' does not exist" in result.stderr
