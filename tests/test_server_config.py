@@ -53,3 +53,21 @@ def test_client_retries_unavailable_with_backoff():
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and len(calls) == 2
     finally:
         server.stop(0)
+
+
+def test_every_engine_error_maps_to_its_documented_status():
+    from gmv_engine import errors
+    from gmv_server.batcher import DeadlinePassedError, QueueFullError, ShuttingDownError
+    from gmv_server.service import WarmingUpError, status_for
+
+    code = grpc.StatusCode
+    assert status_for(errors.InvalidImageError("x")) == code.INVALID_ARGUMENT
+    assert status_for(errors.InvalidArgumentError("x")) == code.INVALID_ARGUMENT
+    assert status_for(errors.CollectionNotFoundError("x")) == code.NOT_FOUND
+    assert status_for(errors.IncompatibleCollectionError("x")) == code.FAILED_PRECONDITION
+    assert status_for(errors.MissingWeightsError("maniqa")) == code.FAILED_PRECONDITION
+    assert status_for(QueueFullError("x")) == code.RESOURCE_EXHAUSTED
+    assert status_for(DeadlinePassedError("x")) == code.DEADLINE_EXCEEDED
+    for unavailable in (errors.IndexUnavailableError("x"), ShuttingDownError("x"), WarmingUpError("x")):
+        assert status_for(unavailable) == code.UNAVAILABLE
+    assert status_for(RuntimeError("bug")) == code.INTERNAL

@@ -60,3 +60,29 @@ def test_serve_refuses_a_missing_collection(milvus):
                              "--port", str(free_port()), "--milvus-uri", milvus.uri],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "collection 'absent' does not exist" in result.stderr
+
+
+def test_sigterm_stops_serve_and_its_embedded_milvus(tmp_path, digits, offline_components):
+    import signal
+
+    from test_cli import processes_mentioning
+
+    data_dir = tmp_path / "served"
+    milvus_port, port = free_port(), free_port()
+    with EmbeddedMilvus(data_dir / "milvus", port=milvus_port) as milvus:  # build a collection to serve
+        index = TrainingIndex(milvus.uri)
+        encoder, reranker = offline_components
+        ingest(index, "served", read_manifest(digits.manifest)[:100], make_info(encoder, reranker), encoder, reranker,
+               progress=False)
+        index.close()
+    server = subprocess.Popen([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "served", "--port",
+                               str(port), "--data-dir", str(data_dir), "--milvus-port", str(milvus_port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with GMVClient(f"127.0.0.1:{port}", timeout_s=20) as client:
+        client.wait_until_ready(timeout_s=300)
+        assert len(client.attribute(read_heldout(digits.heldout)[0][0].read_bytes(), "g").credits) == 10
+    server.send_signal(signal.SIGTERM)
+    output, _ = server.communicate(timeout=90)
+    assert server.returncode == 0, output
+    assert "draining in-flight calls" in output and "stopped" in output
+    assert processes_mentioning(str(data_dir)) == []
