@@ -28,8 +28,6 @@ import numpy as np
 from .errors import CollectionNotFoundError, GMVError, IncompatibleCollectionError, IndexUnavailableError
 
 log = logging.getLogger(__name__)
-# pymilvus logs every failed RPC with a traceback; we wrap those errors in clear ones instead.
-logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 SCHEMA_VERSION = 1
 FEATURES_SUFFIX = "__rerank"
@@ -131,6 +129,9 @@ class TrainingIndex:
     def __init__(self, uri: str, token: str = "", timeout_s: float = 30.0):
         from pymilvus import MilvusClient
 
+        # pymilvus logs every failed RPC with a traceback (its logging config is applied on
+        # import, so this must follow it); we wrap those errors in clear ones instead.
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
         self.uri = uri
         self.timeout_s = timeout_s
         self.lite = is_lite_uri(uri)
@@ -347,7 +348,7 @@ class TrainingIndex:
         """The `limit` nearest training rows of each vector (approximate: IVF_PQ)."""
         params = {"metric_type": "L2", "params": {"nprobe": nprobe}}
         results = self._call(
-            "search", self.client.search, name,
+            f"search '{name}'", self.client.search, name,
             data=vectors.astype(np.float32).tolist(), limit=limit, search_params=params,
             output_fields=["training_id", "contributor_id"],
         )
@@ -365,6 +366,6 @@ class TrainingIndex:
         pks = sorted(set(pks))
         if not pks:
             return {}
-        rows = self._call("fetch re-rank features", self.client.query, name + FEATURES_SUFFIX,
+        rows = self._call(f"fetch re-rank features of '{name}'", self.client.query, name + FEATURES_SUFFIX,
                           filter=f"pk in {pks}", output_fields=["feature"])
         return {int(row["pk"]): np.asarray(row["feature"], dtype=np.float32) for row in rows}
