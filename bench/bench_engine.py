@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+
+from common import digits_on_embedded_milvus
 
 
 def percentile(values, q):
@@ -29,39 +29,22 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    from gmv_engine.config import PipelineSettings, get_profile
-    from gmv_engine.datasets import export_digits, read_heldout
+    from gmv_engine.config import PipelineSettings
+    from gmv_engine.datasets import read_heldout
     from gmv_engine.decode import load_image_file
-    from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
-    from gmv_engine.encoders import create_encoder
-    from gmv_engine.index import CollectionInfo, TrainingIndex, training_pk
-    from gmv_engine.ingest import ingest, read_manifest
-    from gmv_engine.models import configure_model_dir, pick_device
+    from gmv_engine.index import training_pk
     from gmv_engine.pipeline import STAGES, Attributor
-    from gmv_engine.rerankers import create_reranker
 
-    configure_model_dir(None)
-    device = pick_device(args.device)
-    profile = get_profile(args.profile)
-    workdir = Path(tempfile.mkdtemp(prefix="gmv-bench-"))
-    digits = export_digits(workdir / "digits")
-    rows = read_manifest(digits.manifest)
-    encoder = create_encoder(profile.encoder, device)
-    reranker = create_reranker(profile.reranker, device)
-    print(f"# GMV engine benchmark\n\nprofile `{profile.name}` ({profile.description}); device `{device}`; "
-          f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs; "
-          f"{len(rows)} training digits, 32x32 RGB\n")
-
-    with EmbeddedMilvus(workdir / "milvus", port=free_port()) as server:
-        index = TrainingIndex(server.uri)
-        info = CollectionInfo(profile.name, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
-        start = time.perf_counter()
-        report = ingest(index, "bench", rows, info, encoder, reranker, progress=False)
-        total = time.perf_counter() - start
+    with digits_on_embedded_milvus(args.profile, args.device, "bench") as bench:
+        profile, device, digits, rows = bench.profile, bench.device, bench.digits, bench.rows
+        encoder, reranker, index, report = bench.encoder, bench.reranker, bench.index, bench.report
+        print(f"# GMV engine benchmark\n\nprofile `{profile.name}` ({profile.description}); device `{device}`; "
+              f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs; "
+              f"{len(rows)} training digits, 32x32 RGB\n")
         print("## Ingest\n")
         print("| rows | inserted | wall s (embed + insert + flush + index build) | images/s |")
         print("|---:|---:|---:|---:|")
-        print(f"| {report.rows} | {report.inserted} | {total:.1f} | {report.inserted / total:.0f} |\n")
+        print(f"| {report.rows} | {report.inserted} | {bench.ingest_seconds:.1f} | {report.inserted / bench.ingest_seconds:.0f} |\n")
         print(f"index: {report.index_state['index_type']} {report.index_state['params']}\n")
 
         heldout = [load_image_file(path)[0] for path, _, _ in read_heldout(digits.heldout)]
@@ -99,7 +82,6 @@ def main() -> None:
             r10 = np.mean([len(set(train_pks[e[:10]]) & f) / 10 for e, f in zip(exact, found)])
             r100 = np.mean([len(set(train_pks[e[:100]]) & f) / 100 for e, f in zip(exact, found)])
             print(f"| {nprobe} | {r10:.3f} | {r100:.3f} | {1000 * elapsed:.0f} |")
-        index.close()
 
 
 def _latency_row(attributor, encoded, batch_size, repeats, stages) -> None:

@@ -16,12 +16,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
+
+from common import digits_on_embedded_milvus
 
 
 def scrape(port: int, name: str) -> float:
@@ -40,38 +40,23 @@ def main() -> None:
     args = parser.parse_args()
 
     from gmv_client import GMVClient
-    from gmv_engine.config import get_profile
-    from gmv_engine.datasets import export_digits, read_heldout
-    from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
-    from gmv_engine.encoders import create_encoder
-    from gmv_engine.index import CollectionInfo, TrainingIndex
-    from gmv_engine.ingest import ingest, read_manifest
-    from gmv_engine.models import configure_model_dir, pick_device
-    from gmv_engine.rerankers import create_reranker
+    from gmv_engine.datasets import read_heldout
+    from gmv_engine.embedded_milvus import free_port
 
-    configure_model_dir(None)
-    device = pick_device(args.device)
-    profile = get_profile(args.profile)
-    workdir = Path(tempfile.mkdtemp(prefix="gmv-bench-server-"))
-    digits = export_digits(workdir / "digits")
-    images = [(path.stem, path.read_bytes()) for path, _, _ in read_heldout(digits.heldout)]
-    print(f"# GMV serving benchmark\n\nprofile `{profile.name}`; device `{device}`; {platform.machine()}, "
-          f"{os.cpu_count()} CPUs; max queue delay {args.max_queue_delay_ms} ms; {args.requests} requests per cell; "
-          "clients on the same machine (they share its CPUs with the server)\n")
-    print("| max batch | clients | p50 ms | p99 ms | throughput gen/s | mean batch size |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    with EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
-        index = TrainingIndex(milvus.uri)
-        encoder, reranker = create_encoder(profile.encoder, device), create_reranker(profile.reranker, device)
-        info = CollectionInfo(profile.name, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
-        ingest(index, "bench_serve", read_manifest(digits.manifest), info, encoder, reranker, progress=False)
-        index.close()
+    with digits_on_embedded_milvus(args.profile, args.device, "bench_serve") as bench:
+        device = bench.device
+        images = [(path.stem, path.read_bytes()) for path, _, _ in read_heldout(bench.digits.heldout)]
+        print(f"# GMV serving benchmark\n\nprofile `{bench.profile.name}`; device `{device}`; {platform.machine()}, "
+              f"{os.cpu_count()} CPUs; max queue delay {args.max_queue_delay_ms} ms; {args.requests} requests per cell; "
+              "clients on the same machine (they share its CPUs with the server)\n")
+        print("| max batch | clients | p50 ms | p99 ms | throughput gen/s | mean batch size |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for max_batch in [int(b) for b in args.batch_sizes.split(",")]:
             port, metrics_port = free_port(), free_port()
             server = subprocess.Popen(
                 [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "bench_serve", "--port", str(port),
                  "--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms",
-                 str(args.max_queue_delay_ms), "--milvus-uri", milvus.uri, "--device", device, "--host", "127.0.0.1"],
+                 str(args.max_queue_delay_ms), "--milvus-uri", bench.milvus_uri, "--device", device, "--host", "127.0.0.1"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 target = f"127.0.0.1:{port}"

@@ -1,0 +1,54 @@
+"""What both benchmarks set up: the digits, the profile's components, and a fresh embedded Milvus."""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+@dataclass
+class DigitsBench:
+    profile: object
+    device: str
+    digits: object  # gmv_engine.datasets.DigitsExport
+    rows: list
+    encoder: object
+    reranker: object
+    milvus_uri: str
+    index: object  # gmv_engine.index.TrainingIndex
+    report: object  # gmv_engine.ingest.IngestReport
+    ingest_seconds: float
+
+
+@contextlib.contextmanager
+def digits_on_embedded_milvus(profile_name: str, device_name: str, collection: str) -> Iterator[DigitsBench]:
+    """Index the digits' training split into `collection` on a fresh embedded Milvus."""
+    from gmv_engine.config import get_profile
+    from gmv_engine.datasets import export_digits
+    from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
+    from gmv_engine.encoders import create_encoder
+    from gmv_engine.index import CollectionInfo, TrainingIndex
+    from gmv_engine.ingest import ingest, read_manifest
+    from gmv_engine.models import configure_model_dir, pick_device
+    from gmv_engine.rerankers import create_reranker
+
+    configure_model_dir(None)
+    device = pick_device(device_name)
+    profile = get_profile(profile_name)
+    workdir = Path(tempfile.mkdtemp(prefix="gmv-bench-"))
+    digits = export_digits(workdir / "digits")
+    rows = read_manifest(digits.manifest)
+    encoder, reranker = create_encoder(profile.encoder, device), create_reranker(profile.reranker, device)
+    with EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
+        index = TrainingIndex(milvus.uri)
+        info = CollectionInfo(profile.name, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
+        start = time.perf_counter()
+        report = ingest(index, collection, rows, info, encoder, reranker, progress=False)
+        seconds = time.perf_counter() - start
+        try:
+            yield DigitsBench(profile, device, digits, rows, encoder, reranker, milvus.uri, index, report, seconds)
+        finally:
+            index.close()
