@@ -25,5 +25,11 @@ class ServerMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.compute_seconds = Histogram("gmv_batch_compute_seconds", "Time to run one batch through the pipeline",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        # One histogram per pipeline stage (label `stage`: queue, decode, embed, recall, rerank,
+        # quality, credit, ledger_write), so a dashboard can show where the time goes.
+        self.stage_seconds = Histogram("gmv_stage_seconds", "Seconds spent in one pipeline stage, per observation",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ledger_writes = Counter("gmv_ledger_writes", "Ledger write attempts by outcome "
+                                     "(recorded, replayed, conflict, error)", ["outcome"], registry=r)
         self.deadline_drops = Counter("gmv_deadline_dropped", "Requests dropped unrun because their deadline passed",
                                       registry=r)
