@@ -15,11 +15,14 @@ PROTOS = ["gmv/v1/attribution.proto"]
 
 
 def generate(out_dir: Path) -> None:
+    from importlib.resources import files
+
     from grpc_tools import protoc
 
+    well_known = files("grpc_tools") / "_proto"  # google/protobuf/timestamp.proto and friends
     out_dir.mkdir(parents=True, exist_ok=True)
     for proto in PROTOS:
-        code = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}",
+        code = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out_dir}",
                             f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", proto])
         if code != 0:
             raise SystemExit(f"protoc failed on {proto}")

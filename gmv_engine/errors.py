@@ -43,3 +43,13 @@ class MissingWeightsError(GMVError):
 
 class ManifestError(GMVError):
     """The training manifest cannot be read at all (bad header, missing file)."""
+
+
+class GenerationConflictError(GMVError):
+    """A generation_id already recorded with a different image (ALREADY_EXISTS): the ledger
+    never overwrites a record."""
+
+
+class LedgerUnavailableError(GMVError):
+    """The ledger's database cannot be reached or failed a write (UNAVAILABLE); nothing of the
+    failed record was kept."""

@@ -38,10 +38,12 @@ def metric(port: int, name: str) -> float:
 @pytest.fixture(scope="module")
 def server(milvus, digits_collection, tmp_path_factory):
     port, metrics_port = free_port(), free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    workdir = tmp_path_factory.mktemp("serve")
+    log = workdir / "serve.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", digits_collection[0], "--port", str(port),
-         "--metrics-port", str(metrics_port), "--max-queue-delay-ms", "20", "--milvus-uri", milvus.uri],
+         "--metrics-port", str(metrics_port), "--max-queue-delay-ms", "20", "--milvus-uri", milvus.uri,
+         "--data-dir", str(workdir)],
         stdout=log.open("w"), stderr=subprocess.STDOUT)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     health = health_pb2_grpc.HealthStub(channel)
@@ -60,7 +62,7 @@ def server(milvus, digits_collection, tmp_path_factory):
     else:
         pytest.fail("server never became SERVING:\n" + log.read_text())
     yield {"target": f"127.0.0.1:{port}", "metrics_port": metrics_port, "channel": channel, "seen": seen, "log": log,
-           "process": process}
+           "process": process, "ledger_url": str(workdir / "ledger.sqlite3")}
     channel.close()
     process.terminate()
     process.wait(timeout=60)
@@ -132,13 +134,13 @@ def test_32_concurrent_clients_get_their_own_results_in_batches(server, images, 
 
     def one_client(i):
         gid, data = images[i]
-        with GMVClient(server["target"]) as client:
-            return gid, client.attribute(data, gid)
+        with GMVClient(server["target"]) as client:  # new ids, so each is computed, not replayed
+            return gid, client.attribute(data, f"{gid}-concurrent")
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one_client, range(32)))
     for gid, result in results:
-        assert result.generation_id == gid
+        assert result.generation_id == f"{gid}-concurrent" and result.ledger == "recorded"
         assert_same(result, expected[gid])
     executions = metric(port, "gmv_batch_executions_total") - executions
     generations = metric(port, "gmv_generations_attributed_total") - generations
@@ -151,10 +153,11 @@ def test_async_client(server, images, expected):
 
     async def main():
         async with AsyncGMVClient(server["target"]) as client:
-            return await asyncio.gather(*(client.attribute(data, gid, top_k=5) for gid, data in images[:6]))
+            # Previews: not recorded, so these ids (recorded elsewhere with k=10) are recomputed.
+            return await asyncio.gather(*(client.attribute(data, gid, top_k=5, record=False) for gid, data in images[:6]))
 
     for (gid, _), result in zip(images, asyncio.run(main())):
-        assert len(result.credits) == 5
+        assert len(result.credits) == 5 and result.ledger == "not-recorded"
         assert [c.training_id for c in result.credits] == [c.training_id for c in expected[gid].credits[:5]]
 
 
@@ -235,5 +238,11 @@ def test_a_node_client_built_from_the_proto_calls_every_rpc(server, digits, imag
     first = Path(paths[0]).stem
     assert [c["rank"] for c in reply["credits"]] == [1, 2, 3, 4, 5]
     assert [c["training_id"] for c in reply["credits"]] == [c.training_id for c in expected[first].credits[:5]]
-    assert sorted(r["generation_id"] for r in reply["results"]) == sorted(Path(p).stem for p in paths)
+    assert sorted(r["generation_id"] for r in reply["results"]) == sorted(f"node-{Path(p).stem}" for p in paths)
+    # The stream resent the first id: the ledger replays it; the others are new.
+    assert sorted(r["ledger"] for r in reply["results"]) == [1, 1, 2]  # LEDGER_STATE_RECORDED twice, REPLAYED once
     assert reply["invalid"] == "INVALID_ARGUMENT"
+    assert reply["valuation"]["generations"] == 3 and reply["top"]["generations"] == 3
+    total = sum(r["quality"] for r in reply["results"])
+    assert reply["valuation"]["total_credit"] == pytest.approx(total)
+    assert sum(v["value"] for v in reply["valuation"]["values"]) == pytest.approx(total)

@@ -27,7 +27,8 @@ def test_milvus_down_gives_unavailable_and_the_server_recovers_without_restart(t
                progress=False)
         index.close()
         server = subprocess.Popen([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "recovery",
-                                   "--port", str(port), "--milvus-uri", milvus.uri],
+                                   "--port", str(port), "--milvus-uri", milvus.uri,
+                                   "--data-dir", str(tmp_path)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         image = read_heldout(digits.heldout)[0][0].read_bytes()
         with GMVClient(f"127.0.0.1:{port}", timeout_s=20, retries=0) as client:
@@ -57,7 +58,8 @@ def test_milvus_down_gives_unavailable_and_the_server_recovers_without_restart(t
 
 def test_serve_refuses_a_missing_collection(milvus):
     result = subprocess.run([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "absent",
-                             "--port", str(free_port()), "--milvus-uri", milvus.uri],
+                             "--port", str(free_port()), "--milvus-uri", milvus.uri,
+                             "--data-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "collection 'absent' does not exist" in result.stderr
 

@@ -5,8 +5,10 @@
         result = gmv.attribute(png_bytes, generation_id="gen-1")
         print(result.quality, result.contributors)
 
-UNAVAILABLE (server warming up, restarting, or its Milvus down) and RESOURCE_EXHAUSTED
-(queue full) are retried with exponential backoff; other errors raise grpc.RpcError at once.
+UNAVAILABLE (server warming up, restarting, or its Milvus or ledger down) and
+RESOURCE_EXHAUSTED (queue full) are retried with exponential backoff; other errors raise
+grpc.RpcError at once. Retrying is safe: the server records each generation_id once and
+answers a repeat with the recorded credits (`Attribution.ledger == "replayed"`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import AsyncIterator, Iterable, Iterator
 
 import grpc
@@ -21,7 +24,8 @@ import grpc
 from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
 
-__all__ = ["Attribution", "Credit", "GMVClient", "AsyncGMVClient", "RETRYABLE"]
+__all__ = ["Attribution", "Credit", "ContributorValue", "TrainingImageValue", "Valuation", "GMVClient",
+           "AsyncGMVClient", "RETRYABLE"]
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -41,6 +45,37 @@ class Attribution:
     quality: float
     credits: tuple[Credit, ...]
     contributors: tuple[tuple[str, float], ...]  # (contributor_id, credit), largest first
+    ledger: str = ""  # "recorded", "replayed" (an earlier request's credits) or "not-recorded"
+
+
+@dataclass(frozen=True)
+class TrainingImageValue:
+    training_id: str
+    contributor_id: str
+    value: float  # phi_i: the sum of the image's credits in the window
+    generations: int
+
+
+@dataclass(frozen=True)
+class ContributorValue:
+    contributor_id: str
+    value: float
+    generations: int
+    training_images: int
+
+
+@dataclass(frozen=True)
+class Valuation:
+    """Ledger totals over a window: `items` are TrainingImageValue or ContributorValue."""
+
+    items: tuple
+    generations: int
+    total_credit: float
+
+
+LEDGER_STATES = {pb.LEDGER_STATE_RECORDED: "recorded", pb.LEDGER_STATE_REPLAYED: "replayed",
+                 pb.LEDGER_STATE_NOT_RECORDED: "not-recorded"}
+Moment = datetime | float | None  # a datetime, or Unix seconds
 
 
 def _credit(message: pb.Credit) -> Credit:
@@ -49,19 +84,53 @@ def _credit(message: pb.Credit) -> Credit:
 
 def _from_result(message: pb.AttributionResult) -> Attribution:
     return Attribution(message.generation_id, message.quality, tuple(_credit(c) for c in message.credits),
-                       tuple((c.contributor_id, c.credit) for c in message.contributors))
+                       tuple((c.contributor_id, c.credit) for c in message.contributors),
+                       LEDGER_STATES.get(message.ledger, ""))
 
 
-def _from_credits(generation_id: str, credits: list[pb.Credit]) -> Attribution:
+def _ledger_state(trailing_metadata) -> str:
+    return dict(trailing_metadata or ()).get("gmv-ledger", "")
+
+
+def _from_credits(generation_id: str, credits: list[pb.Credit], ledger: str = "") -> Attribution:
     totals: dict[str, float] = {}
     for c in credits:
         totals[c.contributor_id] = totals.get(c.contributor_id, 0.0) + c.credit
     return Attribution(generation_id, credits[0].quality if credits else 0.0, tuple(_credit(c) for c in credits),
-                       tuple(sorted(totals.items(), key=lambda item: (-item[1], item[0]))))
+                       tuple(sorted(totals.items(), key=lambda item: (-item[1], item[0]))), ledger)
 
 
-def _request(image: bytes, generation_id: str, top_k: int) -> pb.AttributeRequest:
-    return pb.AttributeRequest(generation_id=generation_id, image=image, top_k=top_k)
+def _request(image: bytes, generation_id: str, top_k: int, tenant_id: str = "", record: bool = True) -> pb.AttributeRequest:
+    return pb.AttributeRequest(generation_id=generation_id, image=image, top_k=top_k, tenant_id=tenant_id,
+                               skip_ledger=not record)
+
+
+def _window(message, since: Moment, until: Moment):
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None:
+            seconds = moment.timestamp() if isinstance(moment, datetime) else float(moment)
+            getattr(message, name).FromNanoseconds(int(round(seconds * 1e9)))
+    return message
+
+
+def _valuation_request(since: Moment, until: Moment, training_ids: Iterable[str], limit: int, tenant_id: str,
+                       collection: str) -> pb.GetValuationRequest:
+    return _window(pb.GetValuationRequest(training_ids=list(training_ids), limit=limit, tenant_id=tenant_id,
+                                          collection=collection), since, until)
+
+
+def _top_request(limit: int, since: Moment, until: Moment, tenant_id: str, collection: str) -> pb.TopContributorsRequest:
+    return _window(pb.TopContributorsRequest(limit=limit, tenant_id=tenant_id, collection=collection), since, until)
+
+
+def _from_valuation(reply: pb.GetValuationResponse) -> Valuation:
+    return Valuation(tuple(TrainingImageValue(v.training_id, v.contributor_id, v.value, v.generations) for v in reply.values),
+                     reply.generations, reply.total_credit)
+
+
+def _from_top(reply: pb.TopContributorsResponse) -> Valuation:
+    return Valuation(tuple(ContributorValue(c.contributor_id, c.value, c.generations, c.training_images)
+                           for c in reply.contributors), reply.generations, reply.total_credit)
 
 
 def _backoff(attempt: int, base_s: float) -> float:
@@ -84,18 +153,38 @@ class GMVClient:
                     raise
                 time.sleep(_backoff(attempt, self.backoff_s))
 
-    def attribute(self, image: bytes, generation_id: str, top_k: int = 0) -> Attribution:
-        """Credits for one generated image (PNG/JPEG/WebP bytes), in rank order."""
-        request = _request(image, generation_id, top_k)
-        credits = self._retrying(lambda: list(self.stub.Attribute(request, timeout=self.timeout_s)))
-        return _from_credits(generation_id, credits)
+    def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
+                  record: bool = True) -> Attribution:
+        """Credits for one generated image (PNG/JPEG/WebP bytes), in rank order. record=False:
+        a preview the server does not write to its ledger."""
+        request = _request(image, generation_id, top_k, tenant_id, record)
 
-    def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]]) -> Iterator[Attribution]:
+        def call():
+            responses = self.stub.Attribute(request, timeout=self.timeout_s)
+            return list(responses), _ledger_state(responses.trailing_metadata())
+
+        credits, ledger = self._retrying(call)
+        return _from_credits(generation_id, credits, ledger)
+
+    def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]], tenant_id: str = "",
+                         record: bool = True) -> Iterator[Attribution]:
         """Many generations over one call: (generation_id, image[, top_k]) in; results in any order.
-        Not retried (a stream may have been half consumed); retry the ids you did not get back."""
-        messages = (_request(r[1], r[0], r[2] if len(r) > 2 else 0) for r in requests)
+        Not retried here (a stream may have been half consumed): resend the ids you did not get
+        back, or the whole stream; recorded ones come back as "replayed", never twice."""
+        messages = (_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record) for r in requests)
         for message in self.stub.AttributeStream(messages, timeout=self.timeout_s):
             yield _from_result(message)
+
+    def valuation(self, since: Moment = None, until: Moment = None, training_ids: Iterable[str] = (), limit: int = 0,
+                  tenant_id: str = "", collection: str = "") -> Valuation:
+        """phi_i per credited training image from the server's ledger, largest first."""
+        request = _valuation_request(since, until, training_ids, limit, tenant_id, collection)
+        return _from_valuation(self._retrying(lambda: self.stub.GetValuation(request, timeout=self.timeout_s)))
+
+    def top_contributors(self, limit: int = 10, since: Moment = None, until: Moment = None, tenant_id: str = "",
+                         collection: str = "") -> Valuation:
+        request = _top_request(limit, since, until, tenant_id, collection)
+        return _from_top(self._retrying(lambda: self.stub.TopContributors(request, timeout=self.timeout_s)))
 
     def index_info(self) -> pb.IndexInfo:
         return self._retrying(lambda: self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout_s))
@@ -136,18 +225,33 @@ class AsyncGMVClient:
                     raise
                 await asyncio.sleep(_backoff(attempt, self.backoff_s))
 
-    async def attribute(self, image: bytes, generation_id: str, top_k: int = 0) -> Attribution:
-        request = _request(image, generation_id, top_k)
+    async def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
+                        record: bool = True) -> Attribution:
+        request = _request(image, generation_id, top_k, tenant_id, record)
 
         async def call():
-            return [credit async for credit in self.stub.Attribute(request, timeout=self.timeout_s)]
+            responses = self.stub.Attribute(request, timeout=self.timeout_s)
+            credits = [credit async for credit in responses]
+            return credits, _ledger_state(await responses.trailing_metadata())
 
-        return _from_credits(generation_id, await self._retrying(call))
+        credits, ledger = await self._retrying(call)
+        return _from_credits(generation_id, credits, ledger)
 
-    async def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]]) -> AsyncIterator[Attribution]:
-        messages = [_request(r[1], r[0], r[2] if len(r) > 2 else 0) for r in requests]
+    async def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]], tenant_id: str = "",
+                               record: bool = True) -> AsyncIterator[Attribution]:
+        messages = [_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record) for r in requests]
         async for message in self.stub.AttributeStream(iter(messages), timeout=self.timeout_s):
             yield _from_result(message)
+
+    async def valuation(self, since: Moment = None, until: Moment = None, training_ids: Iterable[str] = (),
+                        limit: int = 0, tenant_id: str = "", collection: str = "") -> Valuation:
+        request = _valuation_request(since, until, training_ids, limit, tenant_id, collection)
+        return _from_valuation(await self._retrying(lambda: self.stub.GetValuation(request, timeout=self.timeout_s)))
+
+    async def top_contributors(self, limit: int = 10, since: Moment = None, until: Moment = None, tenant_id: str = "",
+                               collection: str = "") -> Valuation:
+        request = _top_request(limit, since, until, tenant_id, collection)
+        return _from_top(await self._retrying(lambda: self.stub.TopContributors(request, timeout=self.timeout_s)))
 
     async def index_info(self) -> pb.IndexInfo:
         return await self._retrying(lambda: self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout_s))

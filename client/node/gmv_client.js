@@ -41,7 +41,8 @@ async function main() {
   const info = await new Promise((resolve, reject) =>
     client.GetIndexInfo({}, (error, reply) => (error ? reject(error) : resolve(reply))));
   const requests = files.map((file) => ({
-    generation_id: path.basename(file, path.extname(file)), image: fs.readFileSync(file), top_k: 5,
+    generation_id: `node-${path.basename(file, path.extname(file))}`, image: fs.readFileSync(file), top_k: 5,
+    tenant_id: 'node',
   }));
   const credits = await attribute(client, requests[0]);
   const results = await attributeStream(client, requests);
@@ -51,7 +52,11 @@ async function main() {
   } catch (error) {
     invalid = grpc.status[error.code];
   }
-  console.log(JSON.stringify({ info, credits, results, invalid }));
+  const unary = (method, request) => new Promise((resolve, reject) =>
+    client[method](request, (error, reply) => (error ? reject(error) : resolve(reply))));
+  const valuation = await unary('GetValuation', { tenant_id: 'node', since: { seconds: 0, nanos: 0 } });
+  const top = await unary('TopContributors', { tenant_id: 'node', limit: 3 });
+  console.log(JSON.stringify({ info, credits, results, invalid, valuation, top }));
   client.close();
 }
 

@@ -15,6 +15,7 @@ from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
 from gmv_engine.config import PipelineSettings
 from gmv_engine.index import TrainingIndex
+from gmv_engine.ledger import Ledger
 from gmv_engine.models import pick_device
 from gmv_engine.pipeline import Attributor
 
@@ -47,7 +48,7 @@ def index_info(index: TrainingIndex, attributor: Attributor, config: ServerConfi
     )
 
 
-async def serve(index: TrainingIndex, config: ServerConfig) -> None:
+async def serve(index: TrainingIndex, config: ServerConfig, ledger: Ledger) -> None:
     metrics = ServerMetrics()
     if config.metrics_port:
         from prometheus_client import start_http_server
@@ -58,7 +59,7 @@ async def serve(index: TrainingIndex, config: ServerConfig) -> None:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service = AttributionService(metrics)
+    service = AttributionService(metrics, ledger, config.collection)
     pb_grpc.add_AttributionServiceServicer_to_server(service, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -74,7 +75,8 @@ async def serve(index: TrainingIndex, config: ServerConfig) -> None:
     service.ready(attributor, batcher, index_info(index, attributor, config))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("SERVING collection '%s' on port %d", config.collection, port)
+    log.info("SERVING collection '%s' on port %d, recording to the %s ledger at %s", config.collection, port,
+             ledger.backend, ledger.safe_url)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -120,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reranker")
     serve.add_argument("--quality")
     serve.add_argument("--grace-s", type=float, help="how long SIGTERM waits for in-flight calls (default 10)")
+    serve.add_argument("--ledger-url", help="royalty ledger: postgresql://user:pass@host/db for replicas sharing one, "
+                                            "or a SQLite file (default DATA_DIR/ledger.sqlite3; env GMV_LEDGER_URL)")
     _add_milvus_options(serve)
     _add_model_options(serve)
+
+    from gmv_server.ledger_cli import add_ledger_parser
+
+    add_ledger_parser(commands)
 
     models = commands.add_parser("models", help="pretrained weights").add_subparsers(dest="models_command", required=True)
     for name, help_text in (("download", "fetch weights into the cache (needs network)"),
@@ -154,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_model_dir(getattr(args, "model_dir", None), allow_download=args.command == "models")
     logging.getLogger("gmv.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers = {"index": _index, "attribute": _attribute, "models": _models, "demo": _demo, "serve": _serve}
+    handlers = {"index": _index, "attribute": _attribute, "models": _models, "demo": _demo, "serve": _serve,
+                "ledger": _ledger}
     try:
         return handlers[args.command](args)
     except (GMVError, ValueError) as exc:
@@ -163,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gmv: interrupted", file=sys.stderr)
         return 130
+
+
+def _ledger(args) -> int:
+    from gmv_server.ledger_cli import run_ledger
+
+    return run_ledger(args)
 
 
 def _open(args):
@@ -309,16 +322,19 @@ class GMVServerError(GMVError):
 def _serve(args) -> int:
     import asyncio
 
+    from gmv_engine.ledger import default_ledger_url, open_ledger
+
     from gmv_server.app import serve
     from gmv_server.config import ServerConfig
 
     names = ["collection", "host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "max_queue_size",
-             "top_k", "recall_k", "nprobe", "temperature", "reranker", "quality", "grace_s"]
+             "top_k", "recall_k", "nprobe", "temperature", "reranker", "quality", "grace_s", "ledger_url"]
     overrides = {name: getattr(args, name) for name in names}
     overrides["device"] = args.device if args.device != "auto" else None
     config = ServerConfig.load(args.config, overrides=overrides)
-    with _open(args) as index:
-        asyncio.run(serve(index, config))
+    # The ledger opens first: a server that cannot record must not start attributing.
+    with open_ledger(config.ledger_url or default_ledger_url(args.data_dir)) as ledger, _open(args) as index:
+        asyncio.run(serve(index, config, ledger))
     return EXIT_OK
 
 
@@ -408,33 +424,40 @@ def _demo(args) -> int:
         del encoder, reranker  # the server loads its own
         port = free_port()
         command = [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--port", str(port),
-                   "--milvus-uri", index.uri, "--device", device, "--host", "127.0.0.1"]
+                   "--milvus-uri", index.uri, "--device", device, "--host", "127.0.0.1", "--data-dir", args.data_dir]
         print(f"\nstarting the server: gmv serve --collection {collection} --port {port} (on the same Milvus)")
         server = subprocess.Popen(command)
         try:
-            return _demo_through_server(f"127.0.0.1:{port}", read_heldout(export.heldout)[: args.show])
+            return _demo_through_server(f"127.0.0.1:{port}", read_heldout(export.heldout)[: args.show], collection)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
 
 
-def _demo_through_server(target: str, heldout) -> int:
+def _demo_through_server(target: str, heldout, collection: str) -> int:
     from gmv_client import GMVClient
 
     with GMVClient(target) as client:
         info = client.wait_until_ready()
         print(f"server ready: {info.collection} ({info.index_type} {dict(info.index_params)}, {info.row_count} rows, "
               f"re-rank {info.reranker}, quality {info.quality})")
-        labels = {path.stem: (path, label) for path, _, label in heldout}
-        results = list(client.attribute_stream([(path.stem, path.read_bytes()) for path, _, _ in heldout]))
+        # Ids are per collection: a rerun replays the ledger's records instead of paying twice.
+        labels = {f"demo-{collection}-{path.stem}": (path, label) for path, _, label in heldout}
+        results = list(client.attribute_stream([(f"demo-{collection}-{path.stem}", path.read_bytes())
+                                                for path, _, _ in heldout], tenant_id="demo"))
+        top = client.top_contributors(limit=5, tenant_id="demo")
     same_class = []
     for result in sorted(results, key=lambda r: r.generation_id):
         path, label = labels[result.generation_id]
-        print(f"\nheld-out digit {label}:")
+        print(f"\nheld-out digit {label} ({result.generation_id}, {result.ledger} in the ledger):")
         print(format_table(path, result))
         same_class.append(sum(c.contributor_id == f"digit-{label}" for c in result.credits) / len(result.credits))
     print(f"\nshare of top-{len(results[0].credits)} training images from the generation's own class: "
           f"{sum(same_class) / len(same_class):.3f} (the paper's criterion C1)")
+    print(f"\nroyalty ledger: {top.generations} demo generations recorded, total credit {top.total_credit:.4f}; "
+          "top contributors (`gmv ledger top --tenant demo`):")
+    for item in top.items:
+        print(f"  {item.contributor_id:<10} {item.value:.4f} over {item.generations} generations")
     return EXIT_OK
 
 

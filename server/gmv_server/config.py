@@ -27,6 +27,7 @@ class ServerConfig:
     quality: str = ""  # "": the profile's
     device: str = "auto"
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
+    ledger_url: str = ""  # "": SQLite in the data directory; postgresql://... for shared replicas
 
     @classmethod
     def load(cls, file: str | Path | None = None, env: Mapping[str, str] = os.environ,

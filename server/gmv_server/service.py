@@ -13,15 +13,19 @@ from gmv.v1 import attribution_pb2_grpc as pb_grpc
 from gmv_engine.decode import decode_image
 from gmv_engine.errors import (
     CollectionNotFoundError,
+    GenerationConflictError,
     IncompatibleCollectionError,
     IndexUnavailableError,
     InvalidArgumentError,
     InvalidImageError,
+    LedgerUnavailableError,
     MissingWeightsError,
 )
-from gmv_engine.pipeline import Attribution, Attributor
+from gmv_engine.ledger import CreditRow, GenerationRecord, Ledger, Window, image_sha256, settings_hash
+from gmv_engine.pipeline import Attribution, Attributor, Credit
 
 from .batcher import DeadlinePassedError, DynamicBatcher, QueueFullError, ShuttingDownError
+from .ledger_writer import LedgerWriter
 from .metrics import ServerMetrics
 
 class WarmingUpError(Exception):
@@ -31,10 +35,11 @@ class WarmingUpError(Exception):
 STATUS_OF = [
     ((InvalidImageError, InvalidArgumentError), grpc.StatusCode.INVALID_ARGUMENT),
     ((CollectionNotFoundError,), grpc.StatusCode.NOT_FOUND),
+    ((GenerationConflictError,), grpc.StatusCode.ALREADY_EXISTS),
     ((IncompatibleCollectionError, MissingWeightsError), grpc.StatusCode.FAILED_PRECONDITION),
     ((QueueFullError,), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ((DeadlinePassedError,), grpc.StatusCode.DEADLINE_EXCEEDED),
-    ((IndexUnavailableError, ShuttingDownError, WarmingUpError), grpc.StatusCode.UNAVAILABLE),
+    ((IndexUnavailableError, LedgerUnavailableError, ShuttingDownError, WarmingUpError), grpc.StatusCode.UNAVAILABLE),
 ]
 
 
@@ -49,8 +54,11 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
     """Registered before the server starts (grpc.aio needs that); answers UNAVAILABLE until
     `ready()` hands it the warmed-up pipeline."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, ledger: Ledger, collection: str):
         self.metrics = metrics
+        self.ledger = ledger
+        self.ledger_writer = LedgerWriter(ledger, metrics)
+        self.collection = collection
         self.attributor: Attributor | None = None
         self.batcher: DynamicBatcher | None = None
         self.index_info: pb.IndexInfo | None = None
@@ -58,17 +66,53 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
     def ready(self, attributor: Attributor, batcher: DynamicBatcher, index_info: pb.IndexInfo) -> None:
         self.attributor, self.batcher, self.index_info = attributor, batcher, index_info
 
-    async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> Attribution:
+    async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> tuple[Attribution, int]:
+        """The generation's attribution and its pb.LedgerState. With recording on, the credits
+        returned are the ledger's: committed before anything goes back to the caller."""
         if self.batcher is None:
             raise WarmingUpError("the server is loading its models; retry shortly")
         if not request.generation_id:
             raise InvalidArgumentError("generation_id is required")
         top_k = request.top_k or self.attributor.settings.top_k
         self.attributor.check_top_k(top_k, 1)
+        image_hash = image_sha256(request.image)
+        if not request.skip_ledger:
+            # A retry of a recorded generation is answered from the ledger, not recomputed.
+            earlier = await asyncio.to_thread(self.ledger.get, request.generation_id)
+            if earlier is not None:
+                return self._replay(request, image_hash, earlier)
         image = await asyncio.to_thread(decode_image, request.image, self.attributor.limits)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return await self.batcher.submit(image, top_k, deadline)
+        result = await self.batcher.submit(image, top_k, deadline)
+        if request.skip_ledger:
+            return result, pb.LEDGER_STATE_NOT_RECORDED
+        settings = self._settings(top_k)
+        stored, new = await self.ledger_writer.record(GenerationRecord(
+            generation_id=request.generation_id, tenant_id=request.tenant_id, collection=self.collection,
+            profile=self.attributor.info.profile, settings_hash=settings_hash(settings), image_sha256=image_hash,
+            quality=result.quality, settings=settings,
+            credits=tuple(CreditRow(c.rank, c.training_id, c.contributor_id, c.credit, c.distance) for c in result.credits),
+        ))
+        if new:
+            return result, pb.LEDGER_STATE_RECORDED
+        return _from_record(stored), pb.LEDGER_STATE_REPLAYED  # a concurrent request recorded it first
+
+    def _replay(self, request: pb.AttributeRequest, image_hash: str, earlier: GenerationRecord) -> tuple[Attribution, int]:
+        if earlier.image_sha256 != image_hash:
+            self.metrics.ledger_writes.labels("conflict").inc()
+            raise GenerationConflictError(
+                f"generation '{request.generation_id}' was already recorded with a different image; "
+                "a generation_id must be unique per generated image")
+        self.metrics.ledger_writes.labels("replayed").inc()
+        return _from_record(earlier), pb.LEDGER_STATE_REPLAYED
+
+    def _settings(self, top_k: int) -> dict:
+        """What produced a generation's credits; its hash goes in the ledger record."""
+        a = self.attributor
+        return {"collection": self.collection, "profile": a.info.profile, "encoder": a.encoder.name,
+                "reranker": a.reranker.name, "quality": a.quality.name, "recall_k": a.settings.recall_k,
+                "nprobe": a.settings.nprobe, "temperature": a.settings.temperature, "top_k": top_k}
 
     async def _fail(self, method: str, context: grpc.aio.ServicerContext, exc: Exception, generation_id: str = ""):
         code = status_for(exc)
@@ -78,10 +122,11 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
 
     async def Attribute(self, request, context) -> AsyncIterator[pb.Credit]:
         try:
-            result = await self._attribute(request, context)
+            result, ledger_state = await self._attribute(request, context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             await self._fail("Attribute", context, exc, request.generation_id)
             return
+        context.set_trailing_metadata(((LEDGER_METADATA_KEY, LEDGER_STATE_NAMES[ledger_state]),))
         for credit in to_credits(request.generation_id, result):
             yield credit
         self.metrics.requests.labels("Attribute", "OK").inc()
@@ -120,12 +165,12 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
                     if reader.exception() is not None:
                         raise reader.exception()
                     continue
-                request, result, error = getter.result()
+                request, outcome, error = getter.result()
                 outstanding -= 1
                 if error is not None:
                     await self._fail("AttributeStream", context, error, request.generation_id)
                     return
-                yield to_result(request.generation_id, result)
+                yield to_result(request.generation_id, *outcome)
             self.metrics.requests.labels("AttributeStream", "OK").inc()
         finally:
             reader.cancel()
@@ -138,6 +183,52 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
         self.metrics.requests.labels("GetIndexInfo", "OK").inc()
         return self.index_info
 
+    def _window(self, request) -> Window:
+        since = request.since.ToSeconds() if request.HasField("since") else None
+        until = request.until.ToSeconds() if request.HasField("until") else None
+        if since is not None and until is not None and until <= since:
+            raise InvalidArgumentError("until must be after since")
+        return Window(since, until, request.collection or self.collection, request.tenant_id or None)
+
+    async def GetValuation(self, request, context) -> pb.GetValuationResponse:
+        try:
+            window = self._window(request)
+            values = await asyncio.to_thread(self.ledger.values, window, request.limit or None,
+                                             list(request.training_ids) or None)
+            generations, total = await asyncio.to_thread(self.ledger.totals, window)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail("GetValuation", context, exc)
+            return
+        self.metrics.requests.labels("GetValuation", "OK").inc()
+        return pb.GetValuationResponse(
+            values=[pb.TrainingImageValue(training_id=v.training_id, contributor_id=v.contributor_id, value=v.value,
+                                          generations=v.generations) for v in values],
+            generations=generations, total_credit=total)
+
+    async def TopContributors(self, request, context) -> pb.TopContributorsResponse:
+        try:
+            window = self._window(request)
+            contributors = await asyncio.to_thread(self.ledger.contributors, window, request.limit or 10)
+            generations, total = await asyncio.to_thread(self.ledger.totals, window)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail("TopContributors", context, exc)
+            return
+        self.metrics.requests.labels("TopContributors", "OK").inc()
+        return pb.TopContributorsResponse(
+            contributors=[pb.ContributorValue(contributor_id=c.contributor_id, value=c.value, generations=c.generations,
+                                              training_images=c.training_images) for c in contributors],
+            generations=generations, total_credit=total)
+
+
+LEDGER_METADATA_KEY = "gmv-ledger"
+LEDGER_STATE_NAMES = {pb.LEDGER_STATE_RECORDED: "recorded", pb.LEDGER_STATE_REPLAYED: "replayed",
+                      pb.LEDGER_STATE_NOT_RECORDED: "not-recorded"}
+
+
+def _from_record(record: GenerationRecord) -> Attribution:
+    credits = [Credit(c.rank, c.training_id, c.contributor_id, c.credit, c.distance) for c in record.credits]
+    return Attribution(record.quality, credits, record.contributors)
+
 
 def to_credits(generation_id: str, result: Attribution) -> list[pb.Credit]:
     return [
@@ -147,10 +238,11 @@ def to_credits(generation_id: str, result: Attribution) -> list[pb.Credit]:
     ]
 
 
-def to_result(generation_id: str, result: Attribution) -> pb.AttributionResult:
+def to_result(generation_id: str, result: Attribution, ledger_state: int = 0) -> pb.AttributionResult:
     return pb.AttributionResult(
         generation_id=generation_id,
         quality=result.quality,
+        ledger=ledger_state,
         credits=to_credits(generation_id, result),
         contributors=[pb.ContributorCredit(contributor_id=cid, credit=credit) for cid, credit in result.contributors],
     )

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gmv/v1/attribution.proto\x12\x06gmv.v1\"G\n\x10\x41ttributeRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\"\x8d\x01\n\x06\x43redit\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0btraining_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontributor_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x01\x12\x10\n\x08\x64istance\x18\x06 \x01(\x01\x12\x0f\n\x07quality\x18\x07 \x01(\x01\";\n\x11\x43ontributorCredit\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x01\"\x8d\x01\n\x11\x41ttributionResult\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\x01\x12\x1f\n\x07\x63redits\x18\x03 \x03(\x0b\x32\x0e.gmv.v1.Credit\x12/\n\x0c\x63ontributors\x18\x04 \x03(\x0b\x32\x19.gmv.v1.ContributorCredit\"\x15\n\x13GetIndexInfoRequest\"\x94\x03\n\tIndexInfo\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x13\n\x0b\x65ncoder_dim\x18\x04 \x01(\r\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0f\n\x07quality\x18\x07 \x01(\t\x12\x11\n\trow_count\x18\x08 \x01(\x04\x12\x12\n\nindex_type\x18\t \x01(\t\x12\x38\n\x0cindex_params\x18\n \x03(\x0b\x32\".gmv.v1.IndexInfo.IndexParamsEntry\x12:\n\rsearch_params\x18\x0b \x03(\x0b\x32#.gmv.v1.IndexInfo.SearchParamsEntry\x1a\x32\n\x10IndexParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11SearchParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xd9\x01\n\x12\x41ttributionService\x12\x37\n\tAttribute\x12\x18.gmv.v1.AttributeRequest\x1a\x0e.gmv.v1.Credit0\x01\x12J\n\x0f\x41ttributeStream\x12\x18.gmv.v1.AttributeRequest\x1a\x19.gmv.v1.AttributionResult(\x01\x30\x01\x12>\n\x0cGetIndexInfo\x12\x1b.gmv.v1.GetIndexInfoRequest\x1a\x11.gmv.v1.IndexInfoB\x1b\n\tio.gmv.v1P\x01Z\x0cgmv/v1;gmvv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gmv/v1/attribution.proto\x12\x06gmv.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x10\x41ttributeRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x13\n\x0bskip_ledger\x18\x05 \x01(\x08\"\x8d\x01\n\x06\x43redit\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0btraining_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontributor_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x01\x12\x10\n\x08\x64istance\x18\x06 \x01(\x01\x12\x0f\n\x07quality\x18\x07 \x01(\x01\";\n\x11\x43ontributorCredit\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x01\"\xb2\x01\n\x11\x41ttributionResult\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\x01\x12\x1f\n\x07\x63redits\x18\x03 \x03(\x0b\x32\x0e.gmv.v1.Credit\x12/\n\x0c\x63ontributors\x18\x04 \x03(\x0b\x32\x19.gmv.v1.ContributorCredit\x12#\n\x06ledger\x18\x05 \x01(\x0e\x32\x13.gmv.v1.LedgerState\"\x15\n\x13GetIndexInfoRequest\"\x94\x03\n\tIndexInfo\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x13\n\x0b\x65ncoder_dim\x18\x04 \x01(\r\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0f\n\x07quality\x18\x07 \x01(\t\x12\x11\n\trow_count\x18\x08 \x01(\x04\x12\x12\n\nindex_type\x18\t \x01(\t\x12\x38\n\x0cindex_params\x18\n \x03(\x0b\x32\".gmv.v1.IndexInfo.IndexParamsEntry\x12:\n\rsearch_params\x18\x0b \x03(\x0b\x32#.gmv.v1.IndexInfo.SearchParamsEntry\x1a\x32\n\x10IndexParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11SearchParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x13GetValuationRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctraining_ids\x18\x03 \x03(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x12\n\ncollection\x18\x06 \x01(\t\"e\n\x12TrainingImageValue\x12\x13\n\x0btraining_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontributor_id\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x13\n\x0bgenerations\x18\x04 \x01(\x04\"m\n\x14GetValuationResponse\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.gmv.v1.TrainingImageValue\x12\x13\n\x0bgenerations\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_credit\x18\x03 \x01(\x01\"\xa4\x01\n\x16TopContributorsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\"g\n\x10\x43ontributorValue\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x13\n\x0bgenerations\x18\x03 \x01(\x04\x12\x17\n\x0ftraining_images\x18\x04 \x01(\x04\"t\n\x17TopContributorsResponse\x12.\n\x0c\x63ontributors\x18\x01 \x03(\x0b\x32\x18.gmv.v1.ContributorValue\x12\x13\n\x0bgenerations\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_credit\x18\x03 \x01(\x01*\x80\x01\n\x0bLedgerState\x12\x1c\n\x18LEDGER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15LEDGER_STATE_RECORDED\x10\x01\x12\x19\n\x15LEDGER_STATE_REPLAYED\x10\x02\x12\x1d\n\x19LEDGER_STATE_NOT_RECORDED\x10\x03\x32\xf8\x02\n\x12\x41ttributionService\x12\x37\n\tAttribute\x12\x18.gmv.v1.AttributeRequest\x1a\x0e.gmv.v1.Credit0\x01\x12J\n\x0f\x41ttributeStream\x12\x18.gmv.v1.AttributeRequest\x1a\x19.gmv.v1.AttributionResult(\x01\x30\x01\x12>\n\x0cGetIndexInfo\x12\x1b.gmv.v1.GetIndexInfoRequest\x1a\x11.gmv.v1.IndexInfo\x12I\n\x0cGetValuation\x12\x1b.gmv.v1.GetValuationRequest\x1a\x1c.gmv.v1.GetValuationResponse\x12R\n\x0fTopContributors\x12\x1e.gmv.v1.TopContributorsRequest\x1a\x1f.gmv.v1.TopContributorsResponseB\x1b\n\tio.gmv.v1P\x01Z\x0cgmv/v1;gmvv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_options = b'8\001'
   _globals['_INDEXINFO_SEARCHPARAMSENTRY']._loaded_options = None
   _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_ATTRIBUTEREQUEST']._serialized_start=36
-  _globals['_ATTRIBUTEREQUEST']._serialized_end=107
-  _globals['_CREDIT']._serialized_start=110
-  _globals['_CREDIT']._serialized_end=251
-  _globals['_CONTRIBUTORCREDIT']._serialized_start=253
-  _globals['_CONTRIBUTORCREDIT']._serialized_end=312
-  _globals['_ATTRIBUTIONRESULT']._serialized_start=315
-  _globals['_ATTRIBUTIONRESULT']._serialized_end=456
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=458
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=479
-  _globals['_INDEXINFO']._serialized_start=482
-  _globals['_INDEXINFO']._serialized_end=886
-  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_start=783
-  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_end=833
-  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_start=835
-  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_end=886
-  _globals['_ATTRIBUTIONSERVICE']._serialized_start=889
-  _globals['_ATTRIBUTIONSERVICE']._serialized_end=1106
+  _globals['_LEDGERSTATE']._serialized_start=1789
+  _globals['_LEDGERSTATE']._serialized_end=1917
+  _globals['_ATTRIBUTEREQUEST']._serialized_start=69
+  _globals['_ATTRIBUTEREQUEST']._serialized_end=180
+  _globals['_CREDIT']._serialized_start=183
+  _globals['_CREDIT']._serialized_end=324
+  _globals['_CONTRIBUTORCREDIT']._serialized_start=326
+  _globals['_CONTRIBUTORCREDIT']._serialized_end=385
+  _globals['_ATTRIBUTIONRESULT']._serialized_start=388
+  _globals['_ATTRIBUTIONRESULT']._serialized_end=566
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=568
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=589
+  _globals['_INDEXINFO']._serialized_start=592
+  _globals['_INDEXINFO']._serialized_end=996
+  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_start=893
+  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_end=943
+  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_start=945
+  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_end=996
+  _globals['_GETVALUATIONREQUEST']._serialized_start=999
+  _globals['_GETVALUATIONREQUEST']._serialized_end=1182
+  _globals['_TRAININGIMAGEVALUE']._serialized_start=1184
+  _globals['_TRAININGIMAGEVALUE']._serialized_end=1285
+  _globals['_GETVALUATIONRESPONSE']._serialized_start=1287
+  _globals['_GETVALUATIONRESPONSE']._serialized_end=1396
+  _globals['_TOPCONTRIBUTORSREQUEST']._serialized_start=1399
+  _globals['_TOPCONTRIBUTORSREQUEST']._serialized_end=1563
+  _globals['_CONTRIBUTORVALUE']._serialized_start=1565
+  _globals['_CONTRIBUTORVALUE']._serialized_end=1668
+  _globals['_TOPCONTRIBUTORSRESPONSE']._serialized_start=1670
+  _globals['_TOPCONTRIBUTORSRESPONSE']._serialized_end=1786
+  _globals['_ATTRIBUTIONSERVICE']._serialized_start=1920
+  _globals['_ATTRIBUTIONSERVICE']._serialized_end=2296
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class AttributionServiceStub:
                 request_serializer=gmv_dot_v1_dot_attribution__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=gmv_dot_v1_dot_attribution__pb2.IndexInfo.FromString,
                 _registered_method=True)
+        self.GetValuation = channel.unary_unary(
+                '/gmv.v1.AttributionService/GetValuation',
+                request_serializer=gmv_dot_v1_dot_attribution__pb2.GetValuationRequest.SerializeToString,
+                response_deserializer=gmv_dot_v1_dot_attribution__pb2.GetValuationResponse.FromString,
+                _registered_method=True)
+        self.TopContributors = channel.unary_unary(
+                '/gmv.v1.AttributionService/TopContributors',
+                request_serializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsRequest.SerializeToString,
+                response_deserializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsResponse.FromString,
+                _registered_method=True)
 
 
 class AttributionServiceServicer:
@@ -77,6 +87,21 @@ class AttributionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetValuation(self, request, context):
+        """The paper's data value phi_i (the sum of a training image's credits over generations)
+        from the ledger, per training image, largest first, over a time window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TopContributors(self, request, context):
+        """Credit totals per contributor from the ledger, largest first, over a time window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttributionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +119,16 @@ def add_AttributionServiceServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=gmv_dot_v1_dot_attribution__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=gmv_dot_v1_dot_attribution__pb2.IndexInfo.SerializeToString,
+            ),
+            'GetValuation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetValuation,
+                    request_deserializer=gmv_dot_v1_dot_attribution__pb2.GetValuationRequest.FromString,
+                    response_serializer=gmv_dot_v1_dot_attribution__pb2.GetValuationResponse.SerializeToString,
+            ),
+            'TopContributors': grpc.unary_unary_rpc_method_handler(
+                    servicer.TopContributors,
+                    request_deserializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsRequest.FromString,
+                    response_serializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +212,60 @@ class AttributionService:
             '/gmv.v1.AttributionService/GetIndexInfo',
             gmv_dot_v1_dot_attribution__pb2.GetIndexInfoRequest.SerializeToString,
             gmv_dot_v1_dot_attribution__pb2.IndexInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetValuation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gmv.v1.AttributionService/GetValuation',
+            gmv_dot_v1_dot_attribution__pb2.GetValuationRequest.SerializeToString,
+            gmv_dot_v1_dot_attribution__pb2.GetValuationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TopContributors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gmv.v1.AttributionService/TopContributors',
+            gmv_dot_v1_dot_attribution__pb2.TopContributorsRequest.SerializeToString,
+            gmv_dot_v1_dot_attribution__pb2.TopContributorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

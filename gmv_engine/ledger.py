@@ -1,0 +1,505 @@
+"""The royalty ledger: every attributed generation recorded exactly once.
+
+A record is one generation (id, time, tenant, collection, profile, a hash of the pipeline
+settings, a hash of the image, quality q_j) and its credits per training image, written in one
+transaction, so a crash leaves whole records or none. Per-contributor sums are not stored
+twice: they are sums over the credit rows, which carry each image's contributor.
+
+`generation_id` is the idempotency key. Recording an id again with the same image returns the
+stored record and adds nothing; with another image it raises GenerationConflictError (the gRPC
+status ALREADY_EXISTS): a record is never overwritten.
+
+Two backends behind the same SQL and schema:
+- SQLite, the embedded default: one file in the data directory, WAL journal with
+  synchronous=FULL so a commit survives a power cut, BEGIN IMMEDIATE so writers serialise.
+- PostgreSQL by URL, for several server replicas sharing one ledger. Schema migrations run
+  under an advisory lock, so replicas starting together do not race.
+
+The paper's data value phi_i of training image i is the sum of its credits over generations;
+`values()` computes it over a time window, `contributors()` totals it per contributor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from .credit import sum_by_contributor
+from .errors import GenerationConflictError, GMVError, LedgerUnavailableError
+
+# Each migration runs once, in order, in one transaction; `schema_migrations` says which ran.
+# The DDL is plain SQL both databases accept (SQLite maps DOUBLE PRECISION to REAL).
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "generations, their credits, and the pipeline settings they were computed with", [
+        """CREATE TABLE generations (
+            generation_id TEXT PRIMARY KEY,
+            recorded_at DOUBLE PRECISION NOT NULL,
+            tenant_id TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            profile TEXT NOT NULL,
+            settings_hash TEXT NOT NULL,
+            image_sha256 TEXT NOT NULL,
+            quality DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX generations_recorded_at ON generations (recorded_at)",
+        """CREATE TABLE credits (
+            generation_id TEXT NOT NULL REFERENCES generations (generation_id),
+            rank INTEGER NOT NULL,
+            training_id TEXT NOT NULL,
+            contributor_id TEXT NOT NULL,
+            credit DOUBLE PRECISION NOT NULL,
+            distance DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (generation_id, rank))""",
+        "CREATE INDEX credits_training_id ON credits (training_id)",
+        "CREATE INDEX credits_contributor_id ON credits (contributor_id)",
+        """CREATE TABLE pipeline_settings (
+            settings_hash TEXT PRIMARY KEY,
+            settings TEXT NOT NULL)""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@dataclass(frozen=True)
+class CreditRow:
+    rank: int
+    training_id: str
+    contributor_id: str
+    credit: float
+    distance: float
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    generation_id: str
+    tenant_id: str
+    collection: str
+    profile: str
+    settings_hash: str
+    image_sha256: str
+    quality: float
+    credits: tuple[CreditRow, ...]
+    recorded_at: float = 0.0  # Unix seconds (UTC); set by the ledger when 0
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def contributors(self) -> list[tuple[str, float]]:
+        """Per-contributor sums, largest first: the same order the engine reports."""
+        return sum_by_contributor((c.contributor_id for c in self.credits), (c.credit for c in self.credits))
+
+
+@dataclass(frozen=True)
+class TrainingValue:
+    """phi_i: the summed credit of one training image over the window's generations."""
+
+    training_id: str
+    contributor_id: str
+    value: float
+    generations: int  # generations that credited it
+
+
+@dataclass(frozen=True)
+class ContributorValue:
+    contributor_id: str
+    value: float
+    generations: int  # generations that credited any of the contributor's images
+    training_images: int  # of the contributor's images that were credited
+
+
+@dataclass(frozen=True)
+class Window:
+    """[since, until) in Unix seconds; None = unbounded."""
+
+    since: float | None = None
+    until: float | None = None
+    collection: str | None = None
+    tenant_id: str | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        for column, op, value in (("recorded_at", ">=", self.since), ("recorded_at", "<", self.until),
+                                  ("collection", "=", self.collection), ("tenant_id", "=", self.tenant_id)):
+            if value is not None and value != "":
+                clauses.append(f"g.{column} {op} ?")
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """A stable hash of the settings a generation was attributed with (canonical JSON)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def image_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Ledger:
+    """One connection, used under a lock (the server writes from worker threads). Open with
+    `open_ledger(url)`."""
+
+    backend = "base"
+    placeholder = "?"
+
+    def __init__(self, url: str):
+        self.url = url
+        self._lock = threading.RLock()
+        self._conn = None
+        with self._lock:
+            self._migrate()
+
+    # -- the backend's part -------------------------------------------------------------------
+    def _connect(self):
+        raise NotImplementedError
+
+    def _begin(self, conn) -> None:
+        conn.execute("BEGIN")
+
+    def _lock_migrations(self, conn) -> None:
+        """Called inside the migration transaction; PostgreSQL takes an advisory lock."""
+
+    def _is_duplicate_key(self, exc: Exception) -> bool:
+        raise NotImplementedError
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        raise NotImplementedError
+
+    def _table_exists(self, conn, name: str) -> bool:
+        raise NotImplementedError
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _sql(self, statement: str) -> str:
+        return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
+
+    def _connection(self):
+        if self._conn is None:
+            try:
+                self._conn = self._connect()
+            except Exception as exc:  # noqa: BLE001 - every driver error says "cannot reach it"
+                raise LedgerUnavailableError(f"cannot open the ledger at {self.safe_url}: {exc}") from exc
+        return self._conn
+
+    @property
+    def safe_url(self) -> str:
+        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.url)
+
+    def _execute(self, conn, statement: str, params: Sequence[Any] = ()):
+        return conn.execute(self._sql(statement), tuple(params))
+
+    def _rollback(self, conn) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - the connection may be gone; it is dropped below
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _fail(self, exc: Exception, doing: str) -> GMVError:
+        if self._is_unavailable(exc):
+            self._drop_connection()  # reconnect on the next call
+            return LedgerUnavailableError(f"the ledger at {self.safe_url} failed while {doing}: {exc}")
+        return GMVError(f"the ledger at {self.safe_url} refused {doing}: {exc}")
+
+    def _migrate(self) -> None:
+        conn = self._connection()
+        try:
+            self._begin(conn)
+            self._lock_migrations(conn)
+            if not self._table_exists(conn, "schema_migrations"):
+                self._execute(conn, "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+                                    "description TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
+            applied = {row[0] for row in self._execute(conn, "SELECT version FROM schema_migrations").fetchall()}
+            if applied and max(applied) > SCHEMA_VERSION:
+                raise GMVError(f"the ledger at {self.safe_url} has schema version {max(applied)}, newer than this "
+                               f"GMV knows ({SCHEMA_VERSION}); upgrade GMV")
+            for version, description, statements in MIGRATIONS:
+                if version in applied:
+                    continue
+                for statement in statements:
+                    self._execute(conn, statement)
+                self._execute(conn, "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                              (version, description, time.time()))
+            conn.execute("COMMIT")
+        except GMVError:
+            self._rollback(conn)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._rollback(conn)
+            raise self._fail(exc, "migrating its schema") from exc
+
+    def schema_version(self) -> int:
+        with self._lock:
+            rows = self._execute(self._connection(), "SELECT MAX(version) FROM schema_migrations").fetchall()
+        return int(rows[0][0] or 0)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------
+    def record(self, record: GenerationRecord) -> tuple[GenerationRecord, bool]:
+        """Store `record` in one transaction. Returns (the stored record, True) when it was
+        new, (the earlier record, False) when the id was recorded before with the same image.
+        Raises GenerationConflictError when the id was recorded with another image."""
+        outcome = self.record_many([record])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def record_many(self, records: Sequence[GenerationRecord]) -> list[tuple[GenerationRecord, bool] | GMVError]:
+        """Group commit: several records in ONE transaction (one fsync), each whole or not at
+        all. Returns per record what `record` returns, or its GenerationConflictError. Raises
+        (and keeps none of them) when the database fails."""
+        now = time.time()
+        records = [r if r.recorded_at else _replace(r, recorded_at=now) for r in records]
+        for record in records:
+            check_record(record)
+        with self._lock:
+            conn = self._connection()
+            try:
+                self._begin(conn)
+                stored: dict[str, tuple[GenerationRecord, bool]] = {}
+                for record in records:
+                    if record.generation_id not in stored:
+                        earlier = self._get(conn, record.generation_id)
+                        if earlier is None:
+                            self._insert(conn, record)
+                        stored[record.generation_id] = (earlier, False) if earlier else (record, True)
+                conn.execute("COMMIT")
+            except Exception as exc:  # noqa: BLE001
+                self._rollback(conn)
+                if not self._is_duplicate_key(exc):
+                    raise self._fail(exc, f"recording {len(records)} generation(s)") from exc
+                # Another replica recorded one of the ids between our read and our insert:
+                # record one by one, so each sees the other's row.
+                if len(records) > 1:
+                    return [self.record_many([r])[0] for r in records]
+                return [self._outcome(records[0], self._earlier(records[0]))]
+        outcomes = []
+        for record in records:
+            first, new = stored[record.generation_id]
+            # A second request for an id inside this same batch replays the first.
+            earlier = None if new and first is record else first
+            outcomes.append(self._outcome(record, earlier))
+        return outcomes
+
+    def _earlier(self, record: GenerationRecord) -> GenerationRecord:
+        earlier = self.get(record.generation_id)
+        if earlier is None:
+            raise GMVError(f"generation '{record.generation_id}' hit a duplicate key but is not in the ledger")
+        return earlier
+
+    @staticmethod
+    def _outcome(record: GenerationRecord, earlier: GenerationRecord | None) -> tuple[GenerationRecord, bool] | GMVError:
+        if earlier is None:
+            return record, True
+        if earlier.image_sha256 != record.image_sha256:
+            return GenerationConflictError(
+                f"generation '{record.generation_id}' was already recorded with a different image "
+                f"(sha256 {earlier.image_sha256[:12]}..., this one {record.image_sha256[:12]}...); "
+                "a generation_id must be unique per generated image")
+        return earlier, False
+
+    def _insert(self, conn, record: GenerationRecord) -> None:
+        self._execute(conn, "INSERT INTO generations (generation_id, recorded_at, tenant_id, collection, profile, "
+                            "settings_hash, image_sha256, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (record.generation_id, record.recorded_at, record.tenant_id, record.collection, record.profile,
+                       record.settings_hash, record.image_sha256, record.quality))
+        statement = self._sql("INSERT INTO credits (generation_id, rank, training_id, contributor_id, credit, distance) "
+                              "VALUES (?, ?, ?, ?, ?, ?)")
+        rows = [(record.generation_id, c.rank, c.training_id, c.contributor_id, c.credit, c.distance)
+                for c in record.credits]
+        if rows:
+            conn.cursor().executemany(statement, rows)
+        if record.settings:
+            self._execute(conn, "INSERT INTO pipeline_settings (settings_hash, settings) VALUES (?, ?) "
+                                "ON CONFLICT (settings_hash) DO NOTHING",
+                          (record.settings_hash, json.dumps(record.settings, sort_keys=True)))
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, generation_id: str) -> GenerationRecord | None:
+        with self._lock:
+            try:
+                return self._get(self._connection(), generation_id)
+            except GMVError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail(exc, f"reading generation '{generation_id}'") from exc
+
+    def _get(self, conn, generation_id: str) -> GenerationRecord | None:
+        row = self._execute(conn, "SELECT generation_id, tenant_id, collection, profile, settings_hash, image_sha256, "
+                                  "quality, recorded_at FROM generations WHERE generation_id = ?",
+                            (generation_id,)).fetchone()
+        if row is None:
+            return None
+        credits = self._execute(conn, "SELECT rank, training_id, contributor_id, credit, distance FROM credits "
+                                      "WHERE generation_id = ? ORDER BY rank", (generation_id,)).fetchall()
+        return GenerationRecord(*row[:7], credits=tuple(CreditRow(*c) for c in credits), recorded_at=row[7])
+
+    def _query(self, statement: str, params: Sequence[Any], doing: str) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._execute(self._connection(), statement, params).fetchall()
+            except GMVError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail(exc, doing) from exc
+
+    def values(self, window: Window = Window(), limit: int | None = None,
+               training_ids: Iterable[str] | None = None) -> list[TrainingValue]:
+        """phi_i per credited training image, largest first. Images no generation credited
+        have phi_i = 0 and no row."""
+        where, params = window.where()
+        if training_ids is not None:
+            ids = list(training_ids)
+            if not ids:
+                return []
+            where += (" AND " if where else " WHERE ") + f"c.training_id IN ({', '.join('?' * len(ids))})"
+            params += ids
+        statement = ("SELECT c.training_id, MIN(c.contributor_id), SUM(c.credit) AS value, COUNT(*) "
+                     "FROM credits c JOIN generations g ON g.generation_id = c.generation_id" + where +
+                     " GROUP BY c.training_id ORDER BY value DESC, c.training_id")
+        if limit:
+            statement += f" LIMIT {int(limit)}"
+        rows = self._query(statement, params, "computing data values")
+        return [TrainingValue(r[0], r[1], float(r[2]), int(r[3])) for r in rows]
+
+    def contributors(self, window: Window = Window(), limit: int | None = None) -> list[ContributorValue]:
+        """Credit totals per contributor, largest first."""
+        where, params = window.where()
+        statement = ("SELECT c.contributor_id, SUM(c.credit) AS value, COUNT(DISTINCT c.generation_id), "
+                     "COUNT(DISTINCT c.training_id) FROM credits c JOIN generations g "
+                     "ON g.generation_id = c.generation_id" + where +
+                     " GROUP BY c.contributor_id ORDER BY value DESC, c.contributor_id")
+        if limit:
+            statement += f" LIMIT {int(limit)}"
+        rows = self._query(statement, params, "totalling contributors")
+        return [ContributorValue(r[0], float(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def totals(self, window: Window = Window()) -> tuple[int, float]:
+        """(generations recorded, sum of their credits) in the window."""
+        where, params = window.where()
+        generations = self._query("SELECT COUNT(*) FROM generations g" + where, params, "counting generations")
+        credit = self._query("SELECT COALESCE(SUM(c.credit), 0) FROM credits c JOIN generations g "
+                             "ON g.generation_id = c.generation_id" + where, params, "summing credits")
+        return int(generations[0][0]), float(credit[0][0])
+
+    def iter_credits(self, window: Window = Window()) -> Iterator[tuple]:
+        """Every credit row in the window with its generation's fields, oldest first: the
+        line-item export behind a payout."""
+        where, params = window.where()
+        statement = ("SELECT g.generation_id, g.recorded_at, g.tenant_id, g.collection, g.profile, g.settings_hash, "
+                     "g.quality, c.rank, c.training_id, c.contributor_id, c.credit, c.distance "
+                     "FROM credits c JOIN generations g ON g.generation_id = c.generation_id" + where +
+                     " ORDER BY g.recorded_at, g.generation_id, c.rank")
+        yield from self._query(statement, params, "exporting credits")
+
+
+CREDIT_COLUMNS = ("generation_id", "recorded_at", "tenant_id", "collection", "profile", "settings_hash", "quality",
+                  "rank", "training_id", "contributor_id", "credit", "distance")
+
+
+def check_record(record: GenerationRecord) -> None:
+    if not record.generation_id:
+        raise ValueError("a ledger record needs a generation_id")
+    if not (0.0 <= record.quality <= 1.0) or any(not math.isfinite(c.credit) or c.credit < 0 for c in record.credits):
+        raise ValueError(f"generation '{record.generation_id}': quality and credits must be finite and non-negative")
+
+
+def _replace(record: GenerationRecord, **changes) -> GenerationRecord:
+    from dataclasses import replace
+
+    return replace(record, **changes)
+
+
+class SQLiteLedger(Ledger):
+    backend = "sqlite"
+
+    def __init__(self, url: str):
+        self.path = Path(sqlite_path(url))
+        super().__init__(url)
+
+    def _connect(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one record is one transaction.
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit is on disk when it returns
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _begin(self, conn) -> None:
+        # IMMEDIATE takes the write lock up front: the id check and the insert cannot interleave
+        # with another process's.
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _is_duplicate_key(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.OperationalError)
+
+    def _table_exists(self, conn, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
+class PostgresLedger(Ledger):
+    backend = "postgresql"
+    placeholder = "%s"
+
+    def _connect(self):
+        import psycopg
+
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+
+    def _lock_migrations(self, conn) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x676D76,))  # "gmv"
+
+    def _is_duplicate_key(self, exc: Exception) -> bool:
+        import psycopg
+
+        return isinstance(exc, psycopg.errors.UniqueViolation)
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        import psycopg
+
+        return isinstance(exc, psycopg.OperationalError)
+
+    def _table_exists(self, conn, name: str) -> bool:
+        return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
+
+def sqlite_path(url: str) -> str:
+    return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+
+
+def open_ledger(url: str) -> Ledger:
+    """`postgresql://user:pass@host:5432/db` (or postgres://), `sqlite:///path/ledger.db`, or a
+    plain file path (SQLite)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresLedger(url)
+    if "://" in url and not url.startswith("sqlite:///"):
+        raise ValueError(f"unsupported ledger URL '{url}': use postgresql://..., sqlite:///PATH or a file path")
+    return SQLiteLedger(url)
+
+
+def default_ledger_url(data_dir: str | Path) -> str:
+    return str(Path(data_dir) / "ledger.sqlite3")
