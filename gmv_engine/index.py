@@ -301,11 +301,32 @@ class TrainingIndex:
         return "IVF_FLAT" if self.lite else "IVF_PQ"
 
     def finish(self, name: str, timeout_s: float = 1800.0, progress=None) -> dict:
-        """Flush (seal) what was inserted and wait until Milvus has indexed every row."""
+        """Flush (seal) what was inserted, wait until Milvus has indexed every row, then until
+        Bounded reads (what attribution uses) see every row: for a few seconds after a write
+        they may not, and a search or feature fetch then would silently miss new rows."""
         self._call("flush", self.client.flush, name)
-        if self.info(name).feature_dim:
-            self._call("flush", self.client.flush, name + FEATURES_SUFFIX)
-        return self.wait_for_index(name, timeout_s, progress)
+        names = [name] + ([name + FEATURES_SUFFIX] if self.info(name).feature_dim else [])
+        for collection in names[1:]:
+            self._call("flush", self.client.flush, collection)
+        state = self.wait_for_index(name, timeout_s, progress)
+        self.load(name)
+        for collection in names:
+            self.wait_visible(collection, timeout_s=60.0)
+        return state
+
+    def wait_visible(self, name: str, timeout_s: float) -> None:
+        """Wait until a Bounded-consistency count sees every row a Strong one does (loaded collection)."""
+        expected = self.count(name)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self._call("count rows", self.client.query, name, filter="", output_fields=["count(*)"],
+                              consistency_level="Bounded")
+            if int(rows[0]["count(*)"]) >= expected:
+                return
+            if time.monotonic() > deadline:
+                raise IndexUnavailableError(f"'{name}' still shows fewer than {expected} rows to searches "
+                                            f"after {timeout_s:.0f} s")
+            time.sleep(0.5)
 
     def wait_for_index(self, name: str, timeout_s: float, progress=None) -> dict:
         deadline = time.monotonic() + timeout_s

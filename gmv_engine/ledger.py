@@ -402,6 +402,26 @@ class Ledger:
                              "ON g.generation_id = c.generation_id" + where, params, "summing credits")
         return int(generations[0][0]), float(credit[0][0])
 
+    def integrity_problems(self) -> list[str]:
+        """What would make the ledger untrustworthy: credit rows without their generation, or a
+        generation whose credits do not sum to its quality. Empty when all is well."""
+        problems = []
+        orphans = self._query("SELECT COUNT(*) FROM credits c LEFT JOIN generations g "
+                              "ON g.generation_id = c.generation_id WHERE g.generation_id IS NULL", (), "checking")
+        if orphans[0][0]:
+            problems.append(f"{orphans[0][0]} credit rows without their generation")
+        # Credits are q * softmax, so they sum to q (up to float rounding); an empty top-k sums to 0.
+        unbalanced = self._query(
+            "SELECT g.generation_id, g.quality, COALESCE(SUM(c.credit), 0), COUNT(c.rank), COALESCE(MAX(c.rank), 0) "
+            "FROM generations g LEFT JOIN credits c ON c.generation_id = g.generation_id "
+            "GROUP BY g.generation_id, g.quality", (), "checking")
+        for generation_id, quality, total, count, max_rank in unbalanced:
+            if count != max_rank:
+                problems.append(f"generation '{generation_id}' has {count} credits but ranks up to {max_rank}")
+            elif count and abs(total - quality) > 1e-6 * max(1.0, quality):
+                problems.append(f"generation '{generation_id}': credits sum to {total}, quality is {quality}")
+        return problems
+
     def iter_credits(self, window: Window = Window()) -> Iterator[tuple]:
         """Every credit row in the window with its generation's fields, oldest first: the
         line-item export behind a payout."""
@@ -420,6 +440,8 @@ CREDIT_COLUMNS = ("generation_id", "recorded_at", "tenant_id", "collection", "pr
 def check_record(record: GenerationRecord) -> None:
     if not record.generation_id:
         raise ValueError("a ledger record needs a generation_id")
+    if [c.rank for c in record.credits] != list(range(1, len(record.credits) + 1)):
+        raise ValueError(f"generation '{record.generation_id}': credit ranks must be 1..{len(record.credits)} in order")
     if not (0.0 <= record.quality <= 1.0) or any(not math.isfinite(c.credit) or c.credit < 0 for c in record.credits):
         raise ValueError(f"generation '{record.generation_id}': quality and credits must be finite and non-negative")
 
@@ -452,7 +474,9 @@ class SQLiteLedger(Ledger):
         conn.execute("BEGIN IMMEDIATE")
 
     def _is_duplicate_key(self, exc: Exception) -> bool:
-        return isinstance(exc, sqlite3.IntegrityError)
+        # BEGIN IMMEDIATE means no other writer can insert between our read and our write, so
+        # this only guards the generations primary key; other integrity errors are failures.
+        return isinstance(exc, sqlite3.IntegrityError) and "generations.generation_id" in str(exc)
 
     def _is_unavailable(self, exc: Exception) -> bool:
         return isinstance(exc, sqlite3.OperationalError)
@@ -476,7 +500,7 @@ class PostgresLedger(Ledger):
     def _is_duplicate_key(self, exc: Exception) -> bool:
         import psycopg
 
-        return isinstance(exc, psycopg.errors.UniqueViolation)
+        return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "generations_pkey"
 
     def _is_unavailable(self, exc: Exception) -> bool:
         import psycopg

@@ -24,6 +24,30 @@ def milvus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server per session (skipped, saying why, where none is installed)."""
+    from gmv_engine.embedded_milvus import free_port
+    from postgres_server import PostgresServer, find_bindir
+
+    if find_bindir() is None:
+        pytest.skip("PostgreSQL is not installed (`make test` installs Debian's postgresql package)")
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+_databases = iter(range(1, 10_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    """A fresh, empty ledger on each backend: every ledger test runs on SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite3")
+    return request.getfixturevalue("postgres").create_database(f"gmv_ledger_{next(_databases)}")
+
+
+@pytest.fixture(scope="session")
 def index(milvus):
     from gmv_engine.index import TrainingIndex
 
