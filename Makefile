@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean venv node
+.PHONY: demo test bench clean venv node postgres
 
 venv: $(STAMP)
 
@@ -23,7 +23,17 @@ node:
 	@if command -v npm >/dev/null; then cd client/node && npm ci --no-audit --no-fund --silent; \
 	else echo "npm not found: the Node.js client test will be skipped"; fi
 
-test: $(STAMP) node
+# The ledger tests start a real PostgreSQL server on loopback: Debian's postgresql package,
+# installed here when missing (needs root and apt; otherwise those tests skip, saying why).
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's postgresql for the ledger tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "PostgreSQL is not installed: the PostgreSQL ledger tests will be skipped"; fi; \
+	fi
+
+test: $(STAMP) node postgres
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

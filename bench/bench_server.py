@@ -6,6 +6,8 @@ concurrency and the dynamic batcher's max batch size, over real sockets.
 Starts a fresh embedded Milvus, indexes the digits with the offline profile (unless
 --profile), then for each max batch size starts a server and drives it with N client
 threads, each with its own channel, sending PNG bytes through the Python client SDK.
+Every request has a new generation_id, so each is computed and, unless the cell's ledger
+column says "skip" (skip_ledger: previews), recorded in the server's SQLite ledger.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 import urllib.request
 
 import numpy as np
@@ -37,6 +41,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--ledger", default="record,skip", help="record: ids recorded in the ledger; skip: previews")
     args = parser.parse_args()
 
     from gmv_client import GMVClient
@@ -49,29 +54,31 @@ def main() -> None:
         print(f"# GMV serving benchmark\n\nprofile `{bench.profile.name}`; device `{device}`; {platform.machine()}, "
               f"{os.cpu_count()} CPUs; max queue delay {args.max_queue_delay_ms} ms; {args.requests} requests per cell; "
               "clients on the same machine (they share its CPUs with the server)\n")
-        print("| max batch | clients | p50 ms | p99 ms | throughput gen/s | mean batch size |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("| max batch | clients | ledger | p50 ms | p99 ms | throughput gen/s | mean batch size |")
+        print("|---:|---:|---|---:|---:|---:|---:|")
         for max_batch in [int(b) for b in args.batch_sizes.split(",")]:
             port, metrics_port = free_port(), free_port()
             server = subprocess.Popen(
                 [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "bench_serve", "--port", str(port),
                  "--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms",
-                 str(args.max_queue_delay_ms), "--milvus-uri", bench.milvus_uri, "--device", device, "--host", "127.0.0.1"],
+                 str(args.max_queue_delay_ms), "--milvus-uri", bench.milvus_uri, "--device", device, "--host", "127.0.0.1",
+                 "--data-dir", tempfile.mkdtemp(prefix="gmv-bench-ledger-")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 target = f"127.0.0.1:{port}"
                 with GMVClient(target) as client:
                     client.wait_until_ready()
-                    for gid, data in images[:16]:  # warm the feature cache and the models
-                        client.attribute(data, gid)
+                    for gid, data in images[:16]:  # warm the feature cache, the models and the ledger
+                        client.attribute(data, f"warm-{gid}")
                 for clients in [int(c) for c in args.concurrency.split(",")]:
-                    _cell(target, metrics_port, images, max_batch, clients, args.requests)
+                    for mode in args.ledger.split(","):
+                        _cell(target, metrics_port, images, max_batch, clients, args.requests, mode == "record")
             finally:
                 server.terminate()
                 server.wait(timeout=60)
 
 
-def _cell(target, metrics_port, images, max_batch, clients, total) -> None:
+def _cell(target, metrics_port, images, max_batch, clients, total, record: bool) -> None:
     from gmv_client import GMVClient
 
     per_client = max(1, total // clients)
@@ -82,9 +89,9 @@ def _cell(target, metrics_port, images, max_batch, clients, total) -> None:
         latencies = []
         with GMVClient(target) as client:
             for i in range(per_client):
-                gid, data = images[(worker * per_client + i) % len(images)]
+                _, data = images[(worker * per_client + i) % len(images)]
                 start = time.perf_counter()
-                client.attribute(data, gid)
+                client.attribute(data, uuid.uuid4().hex, record=record)
                 latencies.append(time.perf_counter() - start)
         return latencies
 
@@ -94,7 +101,7 @@ def _cell(target, metrics_port, images, max_batch, clients, total) -> None:
     wall = time.perf_counter() - start
     batches = scrape(metrics_port, "gmv_batch_executions_total") - executions
     done = scrape(metrics_port, "gmv_generations_attributed_total") - generations
-    print(f"| {max_batch} | {clients} | {1000 * statistics.median(latencies):.1f} | "
+    print(f"| {max_batch} | {clients} | {'record' if record else 'skip'} | {1000 * statistics.median(latencies):.1f} | "
           f"{1000 * float(np.percentile(latencies, 99)):.1f} | {len(latencies) / wall:.0f} | {done / batches:.1f} |",
           flush=True)
 
