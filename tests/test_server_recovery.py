@@ -56,7 +56,7 @@ def test_milvus_down_gives_unavailable_and_the_server_recovers_without_restart(t
         milvus.stop()
 
 
-def test_serve_refuses_a_missing_collection(milvus):
+def test_serve_refuses_a_missing_collection(milvus, tmp_path):
     result = subprocess.run([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "absent",
                              "--port", str(free_port()), "--milvus-uri", milvus.uri,
                              "--data-dir", str(tmp_path)],
