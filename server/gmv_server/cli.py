@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reranker")
     serve.add_argument("--quality")
     serve.add_argument("--grace-s", type=float, help="how long SIGTERM waits for in-flight calls (default 10)")
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="json: one JSON object a line, with generation_id on lines about a request (default text)")
     _add_milvus_options(serve)
     _add_model_options(serve)
 
@@ -313,10 +315,13 @@ def _serve(args) -> int:
     from gmv_server.config import ServerConfig
 
     names = ["collection", "host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "max_queue_size",
-             "top_k", "recall_k", "nprobe", "temperature", "reranker", "quality", "grace_s"]
+             "top_k", "recall_k", "nprobe", "temperature", "reranker", "quality", "grace_s", "log_format"]
     overrides = {name: getattr(args, name) for name in names}
     overrides["device"] = args.device if args.device != "auto" else None
     config = ServerConfig.load(args.config, overrides=overrides)
+    from gmv_server import logs
+
+    logs.configure(config.log_format)
     with _open(args) as index:
         asyncio.run(serve(index, config))
     return EXIT_OK

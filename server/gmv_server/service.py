@@ -3,6 +3,7 @@ batcher, and turn engine errors into the gRPC status codes the .proto documents.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import AsyncIterator
 
@@ -22,7 +23,11 @@ from gmv_engine.errors import (
 from gmv_engine.pipeline import Attribution, Attributor
 
 from .batcher import DeadlinePassedError, DynamicBatcher, QueueFullError, ShuttingDownError
+from .logs import generation_id as current_generation_id
 from .metrics import ServerMetrics
+
+log = logging.getLogger("gmv.server.requests")
+
 
 class WarmingUpError(Exception):
     """The models are still loading (the health service says NOT_SERVING meanwhile)."""
@@ -59,20 +64,33 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
         self.attributor, self.batcher, self.index_info = attributor, batcher, index_info
 
     async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> Attribution:
+        current_generation_id.set(request.generation_id)  # on every log line of this request
+        started = time.perf_counter()
         if self.batcher is None:
             raise WarmingUpError("the server is loading its models; retry shortly")
         if not request.generation_id:
             raise InvalidArgumentError("generation_id is required")
         top_k = request.top_k or self.attributor.settings.top_k
         self.attributor.check_top_k(top_k, 1)
+        decode_started = time.perf_counter()
         image = await asyncio.to_thread(decode_image, request.image, self.attributor.limits)
+        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - decode_started)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return await self.batcher.submit(image, top_k, deadline)
+        result = await self.batcher.submit(image, top_k, deadline)
+        elapsed = time.perf_counter() - started
+        self.metrics.generation_seconds.observe(elapsed)
+        log.debug("attributed in %.1f ms: quality %.4f, %d credits", elapsed * 1000, result.quality, len(result.credits))
+        return result
 
     async def _fail(self, method: str, context: grpc.aio.ServicerContext, exc: Exception, generation_id: str = ""):
         code = status_for(exc)
         self.metrics.requests.labels(method, code.name).inc()
+        # Server-side failures are the operator's to look at; a caller's bad input is not.
+        level = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING}.get(code, logging.INFO)
+        log.log(level, "%s failed with %s: %s", method, code.name, exc, extra={"generation_id": generation_id},
+                exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         prefix = f"generation '{generation_id}': " if generation_id else ""
         await context.abort(code, f"{prefix}{exc}")
 
