@@ -85,8 +85,9 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verbose: bool = False) -> dict:
-    """`gmv serve` in a subprocess on free ports, once its health says SERVING. Stop it with
-    `stop_server`. `seen` holds the health statuses observed while it warmed up."""
+    """`gmv serve` in a subprocess on free ports, once its health says SERVING; its data
+    directory is log_path's folder. Stop it with `stop_server`. `seen` holds the health
+    statuses observed while it warmed up."""
     import subprocess
     import sys
     import time
@@ -99,7 +100,8 @@ def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verb
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gmv_server.cli", *(["-v"] if verbose else []), "serve", "--collection", collection, "--port", str(port),
-         "--metrics-port", str(metrics_port), "--milvus-uri", milvus.uri, *extra_args],
+         "--metrics-port", str(metrics_port), "--milvus-uri", milvus.uri, "--data-dir", str(log_path.parent),
+         *extra_args],
         stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     health = health_pb2_grpc.HealthStub(channel)
@@ -126,3 +128,9 @@ def stop_server(server: dict) -> None:
     server["channel"].close()
     server["process"].terminate()
     server["process"].wait(timeout=60)
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """'name{labels}' -> value of each sample line of Prometheus' text format."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}

@@ -3,6 +3,7 @@ batcher, and turn engine errors into the gRPC status codes the .proto documents.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import AsyncIterator
@@ -50,6 +51,23 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def observed(attribute):
+    """Wraps `_attribute` (one generation, whichever way it is answered): its generation_id on
+    every log line it causes, and its end-to-end time when it succeeds."""
+
+    @functools.wraps(attribute)
+    async def wrapper(self, request, context):
+        current_generation_id.set(request.generation_id)  # the calling task's context: _fail's lines too
+        started = time.perf_counter()
+        result = await attribute(self, request, context)
+        elapsed = time.perf_counter() - started
+        self.metrics.generation_seconds.observe(elapsed)
+        log.debug("attributed in %.1f ms", elapsed * 1000)
+        return result
+
+    return wrapper
+
+
 class AttributionService(pb_grpc.AttributionServiceServicer):
     """Registered before the server starts (grpc.aio needs that); answers UNAVAILABLE until
     `ready()` hands it the warmed-up pipeline."""
@@ -63,9 +81,8 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
     def ready(self, attributor: Attributor, batcher: DynamicBatcher, index_info: pb.IndexInfo) -> None:
         self.attributor, self.batcher, self.index_info = attributor, batcher, index_info
 
+    @observed
     async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> Attribution:
-        current_generation_id.set(request.generation_id)  # on every log line of this request
-        started = time.perf_counter()
         if self.batcher is None:
             raise WarmingUpError("the server is loading its models; retry shortly")
         if not request.generation_id:
@@ -77,11 +94,7 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - decode_started)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        result = await self.batcher.submit(image, top_k, deadline)
-        elapsed = time.perf_counter() - started
-        self.metrics.generation_seconds.observe(elapsed)
-        log.debug("attributed in %.1f ms: quality %.4f, %d credits", elapsed * 1000, result.quality, len(result.credits))
-        return result
+        return await self.batcher.submit(image, top_k, deadline)
 
     async def _fail(self, method: str, context: grpc.aio.ServicerContext, exc: Exception, generation_id: str = ""):
         code = status_for(exc)
