@@ -15,7 +15,7 @@ from gmv_engine.errors import IndexUnavailableError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# queue and decode are per request; embed..credit per batch (pipeline.STAGES); ledger_write per generation.
+# queue and decode are per request; embed..credit per batch (pipeline.STAGES); ledger_write per transaction.
 STAGES = ("queue", "decode", "embed", "recall", "rerank", "quality", "credit", "ledger_write")
 LEDGER_OUTCOMES = ("recorded", "replayed", "conflict", "error")
 
@@ -55,7 +55,7 @@ class ServerMetrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         # One histogram per pipeline stage (label `stage`), so a dashboard can show where the time goes.
         self.stage_seconds = Histogram("gmv_stage_seconds", "Seconds spent in one pipeline stage, per observation "
-                                       "(queue, decode, ledger_write: per generation; the others: per batch)",
+                                       "(queue, decode: per generation; ledger_write: per ledger transaction; the others: per batch)",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
