@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean venv node postgres
+.PHONY: demo test bench clean venv node postgres prometheus
 
 venv: $(STAMP)
 
@@ -33,7 +33,19 @@ postgres:
 	  else echo "PostgreSQL is not installed: the PostgreSQL ledger tests will be skipped"; fi; \
 	fi
 
-test: $(STAMP) node postgres
+# promtool and a Prometheus server for tests/test_metrics.py and tests/test_deploy.py (Debian's
+# prometheus package). The tests start their own Prometheus on free loopback ports, so the
+# package's service (started on :9090 where systemd runs) does not matter. Where the package
+# cannot be installed, those tests skip and say why.
+prometheus:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+		echo "could not install Debian's prometheus package: the promtool/Prometheus tests will be skipped"; \
+	else echo "promtool/prometheus not found and apt-get not usable (needs root): the promtool/Prometheus tests will be skipped"; fi
+
+test: $(STAMP) node postgres prometheus
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

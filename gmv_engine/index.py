@@ -21,7 +21,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -134,6 +134,8 @@ class TrainingIndex:
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
         self.uri = uri
         self.timeout_s = timeout_s
+        # Told of every Milvus call: (operation, seconds, error or None); a server's metrics.
+        self.call_observer: Callable[[str, float, BaseException | None], None] | None = None
         self.lite = is_lite_uri(uri)
         if self.lite:
             try:
@@ -154,6 +156,20 @@ class TrainingIndex:
 
     # -- errors ---------------------------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs):
+        """Every Milvus call: errors made clear, and each call reported to `call_observer`
+        (operation = the pymilvus method's name, seconds, the error raised or None)."""
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return self._call_unobserved(what, fn, *args, **kwargs)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            if self.call_observer is not None:
+                self.call_observer(getattr(fn, "__name__", what), time.perf_counter() - start, error)
+
+    def _call_unobserved(self, what: str, fn, *args, **kwargs):
         from pymilvus.exceptions import MilvusException
 
         try:

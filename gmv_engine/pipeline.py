@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -49,12 +49,16 @@ class StageTimes:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, into: dict[str, float] | None = None) -> Iterator[None]:
+        """Time one stage; `into` also gets this call's seconds (one batch's, for an observer)."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] += elapsed
+            if into is not None:
+                into[name] = into.get(name, 0.0) + elapsed
 
 
 class Attributor:
@@ -92,6 +96,8 @@ class Attributor:
         quality_name = settings.quality or _profile_quality(self.info.profile)
         self.quality = quality or create_quality(quality_name, device=device)
         self.times = StageTimes()
+        # Called with {stage: seconds} after each batch that succeeded (a server's metrics).
+        self.on_batch: Callable[[Mapping[str, float]], None] | None = None
         self.feature_cache = FeatureCache(feature_cache_bytes)
         index.load(collection)
 
@@ -107,16 +113,20 @@ class Attributor:
             return []
         settings = self.settings
         top_ks = self.check_top_k(top_k, len(images))
-        with self.times.stage("embed"):
+        batch: dict[str, float] = {}
+        with self.times.stage("embed", batch):
             vectors = self.encoder.embed(images)
-        with self.times.stage("recall"):
+        with self.times.stage("recall", batch):
             recalled = self.index.search(self.collection, vectors, settings.recall_k, settings.nprobe)
-        with self.times.stage("rerank"):
+        with self.times.stage("rerank", batch):
             ranked = self._rerank(images, recalled, top_ks)
-        with self.times.stage("quality"):
+        with self.times.stage("quality", batch):
             qualities = self.quality.score(images)
-        with self.times.stage("credit"):
-            return [self._credit(kept, float(q), settings.temperature) for kept, q in zip(ranked, qualities)]
+        with self.times.stage("credit", batch):
+            results = [self._credit(kept, float(q), settings.temperature) for kept, q in zip(ranked, qualities)]
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        return results
 
     def check_top_k(self, top_k: int | Sequence[int] | None, count: int) -> list[int]:
         if top_k is None:

@@ -106,3 +106,55 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verbose: bool = False) -> dict:
+    """`gmv serve` in a subprocess on free ports, once its health says SERVING; its data
+    directory is log_path's folder. Stop it with `stop_server`. `seen` holds the health
+    statuses observed while it warmed up."""
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gmv_engine.embedded_milvus import free_port
+
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gmv_server.cli", *(["-v"] if verbose else []), "serve", "--collection", collection, "--port", str(port),
+         "--metrics-port", str(metrics_port), "--milvus-uri", milvus.uri, "--data-dir", str(log_path.parent),
+         *extra_args],
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    seen = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(service="gmv.v1.AttributionService"), timeout=2).status
+            seen.append(status)
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    else:
+        process.terminate()
+        pytest.fail("server never became SERVING:\n" + log_path.read_text())
+    return {"target": f"127.0.0.1:{port}", "port": port, "metrics_port": metrics_port, "channel": channel,
+            "seen": seen, "log": log_path, "process": process}
+
+
+def stop_server(server: dict) -> None:
+    server["channel"].close()
+    server["process"].terminate()
+    server["process"].wait(timeout=60)
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """'name{labels}' -> value of each sample line of Prometheus' text format."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}

@@ -5,13 +5,12 @@ import concurrent.futures
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gmv.v1 import attribution_pb2 as pb
@@ -19,9 +18,9 @@ from gmv.v1 import attribution_pb2_grpc as pb_grpc
 from gmv_client import AsyncGMVClient, GMVClient
 from gmv_engine.config import PipelineSettings
 from gmv_engine.datasets import read_heldout
-from gmv_engine.embedded_milvus import free_port
 from gmv_engine.pipeline import Attributor
 
+from conftest import start_server, stop_server
 from test_decode import png_header_only
 
 SERVICE = "gmv.v1.AttributionService"
@@ -37,35 +36,11 @@ def metric(port: int, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(milvus, digits_collection, tmp_path_factory):
-    port, metrics_port = free_port(), free_port()
-    workdir = tmp_path_factory.mktemp("serve")
-    log = workdir / "serve.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", digits_collection[0], "--port", str(port),
-         "--metrics-port", str(metrics_port), "--max-queue-delay-ms", "20", "--milvus-uri", milvus.uri,
-         "--data-dir", str(workdir)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    health = health_pb2_grpc.HealthStub(channel)
-    seen = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2).status
-            seen.append(status)
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                break
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("server never became SERVING:\n" + log.read_text())
-    yield {"target": f"127.0.0.1:{port}", "metrics_port": metrics_port, "channel": channel, "seen": seen, "log": log,
-           "process": process, "ledger_url": str(workdir / "ledger.sqlite3")}
-    channel.close()
-    process.terminate()
-    process.wait(timeout=60)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    running = start_server(milvus, digits_collection[0], log, "--max-queue-delay-ms", "20")
+    running["ledger_url"] = str(log.parent / "ledger.sqlite3")  # start_server's data directory is log's folder
+    yield running
+    stop_server(running)
 
 
 @pytest.fixture(scope="module")

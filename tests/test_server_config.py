@@ -71,3 +71,9 @@ def test_every_engine_error_maps_to_its_documented_status():
     for unavailable in (errors.IndexUnavailableError("x"), ShuttingDownError("x"), WarmingUpError("x")):
         assert status_for(unavailable) == code.UNAVAILABLE
     assert status_for(RuntimeError("bug")) == code.INTERNAL
+
+
+def test_log_format_is_text_or_json():
+    assert ServerConfig.load(None, env={"GMV_COLLECTION": "c", "GMV_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ValueError, match="log_format must be text or json"):
+        ServerConfig.load(None, env={"GMV_COLLECTION": "c"}, overrides={"log_format": "xml"})

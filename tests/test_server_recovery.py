@@ -1,5 +1,6 @@
 """The server when Milvus goes away and comes back, and when its collection is missing.
 A Milvus of its own, since this test stops it."""
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,14 @@ from gmv_engine.index import TrainingIndex
 from gmv_engine.ingest import ingest, read_manifest
 
 from conftest import make_info
+from test_server import metric
+
+
+def wait_for_metric(port: int, name: str, value: float, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while metric(port, name) != value:
+        assert time.monotonic() < deadline, f"{name} is {metric(port, name)}, not {value}, after {timeout_s} s"
+        time.sleep(0.5)
 
 
 def test_milvus_down_gives_unavailable_and_the_server_recovers_without_restart(tmp_path, digits, offline_components):
@@ -26,18 +35,25 @@ def test_milvus_down_gives_unavailable_and_the_server_recovers_without_restart(t
         ingest(index, "recovery", read_manifest(digits.manifest)[:200], make_info(encoder, reranker), encoder, reranker,
                progress=False)
         index.close()
+        metrics_port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "recovery",
-                                   "--port", str(port), "--milvus-uri", milvus.uri,
-                                   "--data-dir", str(tmp_path)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "--port", str(port), "--milvus-uri", milvus.uri, "--data-dir", str(tmp_path),
+                                   "--metrics-port", str(metrics_port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**os.environ, "GMV_MILVUS_PROBE_S": "1"})
         image = read_heldout(digits.heldout)[0][0].read_bytes()
         with GMVClient(f"127.0.0.1:{port}", timeout_s=20, retries=0) as client:
             client.wait_until_ready(timeout_s=180)
             assert len(client.attribute(image, "before").credits) == 10
+            assert metric(metrics_port, "gmv_milvus_up") == 1
             milvus.stop()
+            # With no request in flight, the server's probe notices (the GMVMilvusUnreachable alert).
+            wait_for_metric(metrics_port, "gmv_milvus_up", 0, timeout_s=90)
+            searches_failed = metric(metrics_port, 'gmv_milvus_errors_total{operation="search"}')
             with pytest.raises(grpc.RpcError) as caught:
                 client.attribute(image, "while-down")
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "Milvus" in caught.value.details()
+            assert metric(metrics_port, 'gmv_milvus_errors_total{operation="search"}') == searches_failed + 1
             milvus.start()
             deadline = time.monotonic() + 120
             while True:
@@ -49,6 +65,7 @@ def test_milvus_down_gives_unavailable_and_the_server_recovers_without_restart(t
                     assert time.monotonic() < deadline, "the server did not recover within 120 s of Milvus returning"
                     time.sleep(2)
             assert server.poll() is None  # the same server process throughout
+            assert metric(metrics_port, "gmv_milvus_up") == 1
     finally:
         if server is not None:
             server.terminate()

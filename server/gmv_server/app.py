@@ -21,7 +21,7 @@ from gmv_engine.pipeline import Attributor
 
 from .batcher import DynamicBatcher
 from .config import ServerConfig
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, package_version
 from .service import AttributionService
 
 log = logging.getLogger("gmv.server")
@@ -49,11 +49,15 @@ def index_info(index: TrainingIndex, attributor: Attributor, config: ServerConfi
 
 
 async def serve(index: TrainingIndex, config: ServerConfig, ledger: Ledger) -> None:
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(methods=[m.name for m in pb.DESCRIPTOR.services_by_name["AttributionService"].methods])
+    metrics.build_info.info({"version": package_version(), "collection": config.collection})
+    index.call_observer = metrics.observe_milvus_call
+    metrics_server = None
     if config.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(config.metrics_port, registry=metrics.registry)
+        metrics_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+        log.info("Prometheus metrics on port %d (/metrics)", config.metrics_port)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -69,6 +73,14 @@ async def serve(index: TrainingIndex, config: ServerConfig, ledger: Ledger) -> N
     # Models load and run once before the health status turns SERVING.
     attributor = await asyncio.to_thread(build_attributor, index, config)
     await asyncio.to_thread(attributor.attribute, [Image.new("RGB", (64, 64), (127, 127, 127))])
+    attributor.on_batch = metrics.observe_stages  # after the warm-up, whose times say nothing of serving
+    device = pick_device(config.device)
+    metrics.watch_gpu_memory(device)
+    metrics.build_info.info({
+        "version": package_version(), "collection": config.collection, "profile": attributor.info.profile,
+        "encoder": attributor.info.encoder, "reranker": attributor.reranker.name,
+        "quality": attributor.quality.name, "device": device,
+    })
     batcher = DynamicBatcher(attributor.attribute, metrics, config.max_batch_size,
                              config.max_queue_delay_ms / 1000.0, config.max_queue_size)
     batcher.start()
@@ -82,9 +94,25 @@ async def serve(index: TrainingIndex, config: ServerConfig, ledger: Ledger) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    probe = asyncio.create_task(probe_milvus(index, config)) if config.milvus_probe_s > 0 else None
     await stopping.wait()
     log.info("stopping: draining in-flight calls for up to %.0f s", config.grace_s)
+    if probe is not None:
+        probe.cancel()
     health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     await batcher.stop()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     log.info("stopped")
+
+
+async def probe_milvus(index: TrainingIndex, config: ServerConfig) -> None:
+    """A cheap Milvus call every milvus_probe_s, so gmv_milvus_up (set by every call's
+    outcome) also goes to 0 when Milvus dies while no requests arrive."""
+    while True:
+        await asyncio.sleep(config.milvus_probe_s)
+        try:
+            await asyncio.to_thread(index.exists, config.collection)
+        except Exception as exc:  # noqa: BLE001 - the observer has counted it; say it once per probe
+            log.warning("Milvus probe failed: %s", exc)

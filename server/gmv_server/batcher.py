@@ -9,6 +9,7 @@ on a worker thread, so the event loop keeps accepting calls while the models wor
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -17,7 +18,10 @@ from PIL import Image
 
 from gmv_engine.pipeline import Attribution
 
+from .logs import generation_id, generation_ids
 from .metrics import ServerMetrics
+
+log = logging.getLogger("gmv.server.batcher")
 
 
 class QueueFullError(Exception):
@@ -42,6 +46,7 @@ class _Pending:
     deadline: float | None  # time.monotonic() seconds
     future: asyncio.Future
     enqueued: float
+    generation_id: str = ""  # for the log lines of its batch
 
 
 class DynamicBatcher:
@@ -55,6 +60,7 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_size)
         self._task: asyncio.Task | None = None
+        metrics.queue_capacity.set(max_queue_size)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -62,7 +68,7 @@ class DynamicBatcher:
     async def submit(self, image: Image.Image, top_k: int, deadline: float | None) -> Attribution:
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(image, top_k, deadline, future, time.monotonic()))
+            self._queue.put_nowait(_Pending(image, top_k, deadline, future, time.monotonic(), generation_id.get()))
         except asyncio.QueueFull:
             raise QueueFullError(f"the server's queue is full ({self._queue.maxsize} waiting); retry with backoff") from None
         self.metrics.queue_depth.set(self._queue.qsize())
@@ -99,13 +105,17 @@ class DynamicBatcher:
             if not live:
                 continue
             started = time.perf_counter()
+            ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
             try:
                 results = await asyncio.to_thread(self.run_batch, [p.image for p in live], [p.top_k for p in live])
             except Exception as exc:  # noqa: BLE001 - the batch's error is each of its callers' error
+                log.warning("a batch of %d failed: %s: %s", len(live), type(exc).__name__, exc)
                 for pending in live:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
+            finally:
+                generation_ids.reset(ids)
             self.metrics.batch_executions.inc()
             self.metrics.batch_size.observe(len(live))
             self.metrics.generations.inc(len(live))

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-s", type=float, help="how long SIGTERM waits for in-flight calls (default 10)")
     serve.add_argument("--ledger-url", help="royalty ledger: postgresql://user:pass@host/db for replicas sharing one, "
                                             "or a SQLite file (default DATA_DIR/ledger.sqlite3; env GMV_LEDGER_URL)")
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="json: one JSON object a line, with generation_id on lines about a request (default text)")
     _add_milvus_options(serve)
     _add_model_options(serve)
 
@@ -328,10 +330,13 @@ def _serve(args) -> int:
     from gmv_server.config import ServerConfig
 
     names = ["collection", "host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "max_queue_size",
-             "top_k", "recall_k", "nprobe", "temperature", "reranker", "quality", "grace_s", "ledger_url"]
+             "top_k", "recall_k", "nprobe", "temperature", "reranker", "quality", "grace_s", "ledger_url", "log_format"]
     overrides = {name: getattr(args, name) for name in names}
     overrides["device"] = args.device if args.device != "auto" else None
     config = ServerConfig.load(args.config, overrides=overrides)
+    from gmv_server import logs
+
+    logs.configure(config.log_format)
     # The ledger opens first: a server that cannot record must not start attributing.
     with open_ledger(config.ledger_url or default_ledger_url(args.data_dir)) as ledger, _open(args) as index:
         asyncio.run(serve(index, config, ledger))

@@ -28,6 +28,8 @@ class ServerConfig:
     device: str = "auto"
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
     ledger_url: str = ""  # "": SQLite in the data directory; postgresql://... for shared replicas
+    log_format: str = "text"  # "text", or "json": one object a line, with generation_id on request lines
+    milvus_probe_s: float = 15.0  # how often an idle server checks Milvus for gmv_milvus_up (0: never)
 
     @classmethod
     def load(cls, file: str | Path | None = None, env: Mapping[str, str] = os.environ,
@@ -47,6 +49,8 @@ class ServerConfig:
                 values[name] = raw
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         config = cls(**{k: types[k](v) for k, v in values.items()})
+        if config.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not '{config.log_format}'")
         if not config.collection:
             raise ValueError("a collection is required (--collection, GMV_COLLECTION or `collection` in the config file)")
         return config

@@ -3,6 +3,8 @@ batcher, and turn engine errors into the gRPC status codes the .proto documents.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from typing import AsyncIterator
 
@@ -26,7 +28,11 @@ from gmv_engine.pipeline import Attribution, Attributor, Credit
 
 from .batcher import DeadlinePassedError, DynamicBatcher, QueueFullError, ShuttingDownError
 from .ledger_writer import LedgerWriter
+from .logs import generation_id as current_generation_id
 from .metrics import ServerMetrics
+
+log = logging.getLogger("gmv.server.requests")
+
 
 class WarmingUpError(Exception):
     """The models are still loading (the health service says NOT_SERVING meanwhile)."""
@@ -50,6 +56,23 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def observed(attribute):
+    """Wraps `_attribute` (one generation, whichever way it is answered): its generation_id on
+    every log line it causes, and its end-to-end time when it succeeds."""
+
+    @functools.wraps(attribute)
+    async def wrapper(self, request, context):
+        current_generation_id.set(request.generation_id)  # the calling task's context: _fail's lines too
+        started = time.perf_counter()
+        result = await attribute(self, request, context)
+        elapsed = time.perf_counter() - started
+        self.metrics.generation_seconds.observe(elapsed)
+        log.debug("attributed in %.1f ms", elapsed * 1000)
+        return result
+
+    return wrapper
+
+
 class AttributionService(pb_grpc.AttributionServiceServicer):
     """Registered before the server starts (grpc.aio needs that); answers UNAVAILABLE until
     `ready()` hands it the warmed-up pipeline."""
@@ -66,6 +89,7 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
     def ready(self, attributor: Attributor, batcher: DynamicBatcher, index_info: pb.IndexInfo) -> None:
         self.attributor, self.batcher, self.index_info = attributor, batcher, index_info
 
+    @observed
     async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> tuple[Attribution, int]:
         """The generation's attribution and its pb.LedgerState. With recording on, the credits
         returned are the ledger's: committed before anything goes back to the caller."""
@@ -81,7 +105,9 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
             earlier = await asyncio.to_thread(self.ledger.get, request.generation_id)
             if earlier is not None:
                 return self._replay(request, image_hash, earlier)
+        decode_started = time.perf_counter()
         image = await asyncio.to_thread(decode_image, request.image, self.attributor.limits)
+        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - decode_started)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         result = await self.batcher.submit(image, top_k, deadline)
@@ -117,6 +143,11 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
     async def _fail(self, method: str, context: grpc.aio.ServicerContext, exc: Exception, generation_id: str = ""):
         code = status_for(exc)
         self.metrics.requests.labels(method, code.name).inc()
+        # Server-side failures are the operator's to look at; a caller's bad input is not.
+        level = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING}.get(code, logging.INFO)
+        log.log(level, "%s failed with %s: %s", method, code.name, exc, extra={"generation_id": generation_id},
+                exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         prefix = f"generation '{generation_id}': " if generation_id else ""
         await context.abort(code, f"{prefix}{exc}")
 
