@@ -30,6 +30,12 @@ def test_c2_missing_labels_never_match_and_unlabelled_generations_are_left_out()
     assert C.mean_identical_share(ranked, own, [3])[3] == pytest.approx(2 / 3)
 
 
+def test_chance_share_is_the_labels_frequency_in_the_training_set():
+    training = ["3", "3", "5", "7", None]  # one training image has no label
+    # A generation of class 3 would find 2/5 of a random top k with its class, one of 7 1/5.
+    assert C.chance_share(training, ["3", "7", ""]) == pytest.approx((2 / 5 + 1 / 5) / 2)
+
+
 def test_c1_refuses_k_beyond_the_credits_returned():
     with pytest.raises(ValueError, match="fewer than k=3"):
         C.identical_shares([["a", "a"]], ["a"], 3)
@@ -192,10 +198,11 @@ def test_report_writes_the_results_it_is_given(tmp_path):
                             {"name": "dreamsim / FLAT", "status": "skipped", "reason": "weights missing"}],
                "c1": {"l2 / FLAT": {"5": 0.98765, "30": 0.5}}, "attributes": ["hat"],
                "c2": {"l2 / FLAT": {"hat": {"5": 0.25, "30": 0.125}}}, "c3": {"l2 / FLAT": record},
-               "c4": {"l2 / FLAT": efficiency}, "recall_overlap": {"l2": {"5": 1.0, "30": 0.9}}}
+               "c4": {"l2 / FLAT": efficiency}, "recall_overlap": {"l2": {"5": 1.0, "30": 0.9}},
+               "chance": {"c1": 0.1, "c2": {"hat": 0.4567}}}
     text = write_report(tmp_path, results).read_text()
     for expected in ("98.77%", "50.00%", "12.50%", "weights missing", "| l2 / FLAT | 100.00% | 1.000 |",
-                     "12.40", "90.00%"):
+                     "12.40", "90.00%", "| *random top k (chance)* | 10.00% | 10.00% |", "45.67%"):
         assert expected in text
     for png in ("c1.png", "c2.png", "c3.png", "c4.png"):
         assert (tmp_path / png).stat().st_size > 1000

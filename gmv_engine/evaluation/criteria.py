@@ -45,6 +45,21 @@ def mean_identical_share(ranked_labels, own_labels, ks: Iterable[int]) -> dict[i
     return out
 
 
+def chance_share(training_labels: Iterable[str | None], own_labels: Sequence[str | None]) -> float:
+    """What C1/C2 would give if each generation's top k were drawn at random from the training
+    set: the mean, over labelled generations, of the share of training images with its label."""
+    counts: dict = {}
+    total = 0
+    for label in training_labels:
+        total += 1
+        if label:
+            counts[label] = counts.get(label, 0) + 1
+    labelled = [own for own in own_labels if own]
+    if not total or not labelled:
+        return float("nan")
+    return float(np.mean([counts.get(own, 0) / total for own in labelled]))
+
+
 def topk_overlap(approximate: Sequence[Sequence[str]], exact: Sequence[Sequence[str]], k: int) -> float:
     """Mean share of exact search's top-k training ids that approximate search also returns in
     its top-k: how much IVF_PQ's lossy recall changes who gets credit."""

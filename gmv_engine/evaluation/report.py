@@ -37,6 +37,11 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
             *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
+def _load(machine: dict) -> str:
+    start, end = machine.get("load_average_at_start"), machine.get("load_average_at_end")
+    return "?" if start is None or end is None else f"{start:.2f} at the start, {end:.2f} at the end"
+
+
 def _ks(shares: dict) -> list:
     return sorted(shares, key=int)
 
@@ -173,15 +178,15 @@ def write_report(out: str | Path, results: dict) -> Path:
     lines += [f"Command: `{results.get('command', 'gmv eval')}`", "",
               f"Ran in {results.get('wall_seconds', float('nan')):.0f} s on {machine.get('machine', '?')} with "
               f"{machine.get('cpus', '?')} CPUs, device `{machine.get('device', '?')}` (torch {machine.get('torch', '?')}, "
-              f"embedded Milvus {machine.get('milvus', '?')}). Every figure below was measured by this run; "
-              "`results.json` holds them all.", ""]
+              f"embedded Milvus {machine.get('milvus', '?')}); 1-minute load average {_load(machine)}. Every figure "
+              "below was measured by this run; `results.json` holds them all.", ""]
     lines += _setup_section(results, setup)
     if results.get("c1"):
         plot_c1(out / "c1.png", results["c1"])
         lines += ["## C1 identical class", "",
                   "Share of each generation's top-k credited training images that have the class the generation "
                   "was conditioned on, averaged over generations.", ""]
-        lines += _shares_table(results["c1"])
+        lines += _shares_table(results["c1"], results.get("chance", {}).get("c1"))
         lines += ["Paper, MNIST with a β-VAE (Table II): k=30 no re-rank 86.41%, ℓ2 87.76%, LPIPS 88.78%, "
                   "DreamSim 88.78%; k=50: 85.13%, 86.95%, 88.19%, 88.05%.", "", "![C1](c1.png)", ""]
     if results.get("c2"):
@@ -190,7 +195,8 @@ def write_report(out: str | Path, results: dict) -> Path:
                   "The same share for each labelled attribute column.", ""]
         for attribute in results.get("attributes", []):
             lines += [f"**{attribute}**", ""]
-            lines += _shares_table({name: per[attribute] for name, per in results["c2"].items()})
+            lines += _shares_table({name: per[attribute] for name, per in results["c2"].items()},
+                                   results.get("chance", {}).get("c2", {}).get(attribute))
         lines += ["![C2](c2.png)", ""]
     if results.get("c3"):
         plot_c3(out / "c3.png", results["c3"])
@@ -251,10 +257,12 @@ def _setup_section(results: dict, setup: dict) -> list[str]:
     return lines
 
 
-def _shares_table(per_variant: dict) -> list[str]:
+def _shares_table(per_variant: dict, chance: float | None = None) -> list[str]:
     ks = _ks(next(iter(per_variant.values())))
-    return _table(["variant", *[f"k={k}" for k in ks]],
-                  [[name, *[_pct(shares[k]) for k in ks]] for name, shares in per_variant.items()])
+    rows = [[name, *[_pct(shares[k]) for k in ks]] for name, shares in per_variant.items()]
+    if chance is not None:
+        rows.append(["*random top k (chance)*", *[_pct(chance)] * len(ks)])
+    return _table(["variant", *[f"k={k}" for k in ks]], rows)
 
 
 def _c3_section(c3: dict) -> list[str]:

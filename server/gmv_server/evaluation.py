@@ -392,7 +392,7 @@ def run(args) -> int:
     if min(ks) < 1 or max(ks) > args.recall_k or not 1 <= args.top_k <= args.recall_k:
         raise ValueError(f"every k and --top-k must lie between 1 and --recall-k={args.recall_k}")
     results: dict = {"command": "gmv " + " ".join(sys.argv[1:]), "skipped_criteria": {}, "data": {},
-                     "c1": {}, "c2": {}, "c3": {}, "c4": {}, "ingest": {}, "recall_overlap": {}}
+                     "c1": {}, "c2": {}, "c3": {}, "c4": {}, "chance": {}, "ingest": {}, "recall_overlap": {}}
     inputs = _inputs(args, results, workdir)
     results["criteria"], results["attributes"] = inputs.criteria, inputs.attributes
 
@@ -421,6 +421,7 @@ def run(args) -> int:
         "generated_images": {"+".join(keys): len(d.generations) for d, keys in inputs.groups},
     }
     results["machine"] = _machine(device)
+    results["machine"]["load_average_at_start"] = os.getloadavg()[0]  # a shared machine skews C4: say how busy
     server_settings = {"recall_k": args.recall_k, "nprobe": args.nprobe, "quality": quality.name,
                        "temperature": TEMPERATURE, "max_queue_delay_ms": args.max_queue_delay_ms}
     wanted = inputs.criteria
@@ -468,6 +469,7 @@ def run(args) -> int:
                     k: C.topk_overlap(ranked_by_variant[pq], ranked_by_variant[flat], k) for k in ks}
 
     results["wall_seconds"] = time.perf_counter() - started
+    results["machine"]["load_average_at_end"] = os.getloadavg()[0]
     if inputs.demo is not None:
         image_grid(out / "samples.png", inputs.demo)
         results["samples_png"] = "samples.png"
@@ -511,10 +513,16 @@ def _score_labels(results, variant, dataset, ranked, ks, wanted, class_column, a
         ranked_labels = [[dataset.training[t].get(column) or None for t in ids] for ids in ranked]
         return ranked_labels, [g.labels.get(column, "") for g in dataset.generations]
 
+    def chance(column: str) -> float:
+        return C.chance_share((meta.get(column) for meta in dataset.training.values()),
+                              [g.labels.get(column, "") for g in dataset.generations])
+
     if "c1" in wanted:
         results["c1"][variant.name] = C.mean_identical_share(*labels_of(class_column), ks)
+        results["chance"]["c1"] = chance(class_column)
     if "c2" in wanted:
         results["c2"][variant.name] = {a: C.mean_identical_share(*labels_of(a), ks) for a in attributes}
+        results["chance"]["c2"] = {a: chance(a) for a in attributes}
 
 
 def _cleansing_record(result) -> dict:
