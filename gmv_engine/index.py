@@ -68,19 +68,28 @@ class CollectionInfo:
             return None
 
 
+INDEX_TYPES = ("IVF_PQ", "FLAT")
+
+
 @dataclass(frozen=True)
 class IndexParams:
-    """IVF_PQ parameters. Zero means "choose from the row count and dim" (see `resolve`)."""
+    """IVF_PQ parameters. Zero means "choose from the row count and dim" (see `resolve`).
+    index_type "FLAT" builds exact brute-force search instead: the reference an evaluation
+    compares IVF_PQ's approximate recall against."""
 
     nlist: int = 0
     m: int = 0
     nbits: int = 8
+    index_type: str = "IVF_PQ"
 
     def resolve(self, rows: int, dim: int) -> "IndexParams":
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index type must be one of {INDEX_TYPES}, got '{self.index_type}'")
         return IndexParams(
             nlist=self.nlist or default_nlist(rows),
             m=self.m or default_pq_m(dim),
             nbits=self.nbits,
+            index_type=self.index_type,
         )
 
 
@@ -243,9 +252,11 @@ class TrainingIndex:
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=info.encoder_dim)
         resolved = params.resolve(expected_rows, info.encoder_dim)
-        index_type = self.index_type_for_server()
+        index_type = "FLAT" if resolved.index_type == "FLAT" else self.index_type_for_server()
         if index_type == "IVF_PQ":
             build = {"nlist": resolved.nlist, "m": resolved.m, "nbits": resolved.nbits}
+        elif index_type == "FLAT":
+            build = {}  # exact search: nothing to train
         else:
             log.warning("Milvus Lite cannot build IVF_PQ; building %s (nlist=%d) instead", index_type, resolved.nlist)
             build = {"nlist": resolved.nlist}

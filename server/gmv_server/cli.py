@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--collection", default="digits_demo")
     _add_milvus_options(demo)
     _add_model_options(demo)
+
+    from gmv_server import evaluation
+
+    evaluation.add_parser(commands, _add_milvus_options, _add_model_options)
     return parser
 
 
@@ -163,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_model_dir(getattr(args, "model_dir", None), allow_download=args.command == "models")
     logging.getLogger("gmv.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     handlers = {"index": _index, "attribute": _attribute, "models": _models, "demo": _demo, "serve": _serve,
-                "ledger": _ledger}
+                "ledger": _ledger, "eval": _eval}
     try:
         return handlers[args.command](args)
     except (GMVError, ValueError) as exc:
@@ -405,6 +409,13 @@ def _models(args) -> int:
             missing += 1
             print(f"{name}: MISSING - {exc}")
     return EXIT_FAILED if missing else EXIT_OK
+
+
+# -- eval -------------------------------------------------------------------------------------
+def _eval(args) -> int:
+    from gmv_server.evaluation import run
+
+    return run(args)
 
 
 # -- demo -------------------------------------------------------------------------------------
