@@ -243,9 +243,14 @@ def stream(client, generations: list[Generation], top_k: int) -> tuple[dict, flo
     results = {}
     for first in range(0, len(generations), STREAM_WINDOW):
         window = generations[first : first + STREAM_WINDOW]
+        # record=False: an evaluation is not a royalty event, and every variant reuses the same
+        # generation ids, which a recording server would answer from its ledger, uncomputed.
         results.update((r.generation_id, r) for r in client.attribute_stream([(g.generation_id, g.image, top_k)
-                                                                               for g in window]))
+                                                                               for g in window], record=False))
     seconds = time.perf_counter() - start
+    replayed = [gid for gid, r in results.items() if r.ledger == "replayed"]
+    if replayed:  # a replay is the ledger's record, not this variant's computation
+        raise RuntimeError(f"the server replayed {len(replayed)} generation(s) from its ledger, e.g. {replayed[0]}")
     missing = [g.generation_id for g in generations if g.generation_id not in results]
     if missing:
         raise RuntimeError(f"the server returned no result for {len(missing)} generation(s), e.g. {missing[0]}")
@@ -257,7 +262,7 @@ def one_at_a_time(client, generations: list[Generation], top_k: int) -> list[flo
     latencies = []
     for g in generations:
         start = time.perf_counter()
-        client.attribute(g.image, generation_id=g.generation_id, top_k=top_k)
+        client.attribute(g.image, generation_id=g.generation_id, top_k=top_k, record=False)
         latencies.append(time.perf_counter() - start)
     return latencies
 
