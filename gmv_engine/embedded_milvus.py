@@ -59,6 +59,7 @@ class EmbeddedMilvus:
         self.port = port
         self._proc: subprocess.Popen | None = None
         self._lock_file = None
+        self._stopped_at: float | None = None
 
     @property
     def uri(self) -> str:
@@ -76,11 +77,17 @@ class EmbeddedMilvus:
                     f"pass --milvus-port with a free port, or --milvus-uri http://127.0.0.1:{self.port} "
                     "if a Milvus is already serving there"
                 )
+            # The last server's etcd sessions outlive it by their TTL; a new server that starts
+            # before they lapse finds its peers' stale addresses, and hangs or panics.
+            if self._stopped_at is not None:
+                time.sleep(max(0.0, self._stopped_at + SESSION_TTL_S + 2 - time.monotonic()))
             for attempt, timeout_s in enumerate(attempt_timeouts_s, start=1):
                 if self._start_once(timeout_s):
                     return self
-                log.info("embedded Milvus did not answer within %.0f s (attempt %d of %d); restarting it",
-                         timeout_s, attempt, len(attempt_timeouts_s))
+                log.info("embedded Milvus did not come up within %.0f s (attempt %d of %d); restarting it once "
+                         "its stale sessions have expired", timeout_s, attempt, len(attempt_timeouts_s))
+                if attempt < len(attempt_timeouts_s):
+                    time.sleep(SESSION_TTL_S + 2)
         except BaseException:
             self.stop()
             raise
@@ -101,12 +108,10 @@ class EmbeddedMilvus:
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
+            if self._proc.poll() is not None:  # e.g. a panic on a previous server's stale session
+                log.info("embedded Milvus exited during start-up (code %d); see %s", self._proc.returncode, log_path)
                 self.stop_process_only()
-                raise IndexUnavailableError(
-                    f"the embedded Milvus exited during start-up (code {code}); see {log_path} and {self.data_dir / 'logs'}"
-                )
+                return False
             if _port_open(self.port) and self._healthy():
                 log.info("embedded Milvus is up at %s", self.uri)
                 return True
@@ -136,6 +141,7 @@ class EmbeddedMilvus:
         proc, self._proc = self._proc, None  # idempotent: safe from finally blocks and signal paths
         if proc is not None:
             _stop_group(proc, timeout_s)
+            self._stopped_at = time.monotonic()
         self._release_lock()
 
     def _acquire_lock(self) -> None:
