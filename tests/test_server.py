@@ -221,3 +221,11 @@ def test_a_node_client_built_from_the_proto_calls_every_rpc(server, digits, imag
     total = sum(r["quality"] for r in reply["results"])
     assert reply["valuation"]["total_credit"] == pytest.approx(total)
     assert sum(v["value"] for v in reply["valuation"]["values"]) == pytest.approx(total)
+
+
+def test_ledger_queries_refuse_an_empty_window(server):
+    with GMVClient(server["target"]) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.top_contributors(since=200.0, until=100.0)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "until must be after since" in caught.value.details()
+        assert client.valuation(since=0.0, until=1.0).generations == 0  # 1970: nothing recorded then

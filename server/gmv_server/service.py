@@ -221,30 +221,30 @@ class AttributionService(pb_grpc.AttributionServiceServicer):
             raise InvalidArgumentError("until must be after since")
         return Window(since, until, request.collection or self.collection, request.tenant_id or None)
 
-    async def GetValuation(self, request, context) -> pb.GetValuationResponse:
+    async def _ledger_totals(self, method: str, request, context, query):
+        """Run `query(window)` and the window's totals off the event loop; (items, generations,
+        total credit), or None after the call was failed with the error's status."""
         try:
             window = self._window(request)
-            values = await asyncio.to_thread(self.ledger.values, window, request.limit or None,
-                                             list(request.training_ids) or None)
+            items = await asyncio.to_thread(query, window)
             generations, total = await asyncio.to_thread(self.ledger.totals, window)
         except Exception as exc:  # noqa: BLE001
-            await self._fail("GetValuation", context, exc)
-            return
-        self.metrics.requests.labels("GetValuation", "OK").inc()
+            await self._fail(method, context, exc)
+            return None
+        self.metrics.requests.labels(method, "OK").inc()
+        return items, generations, total
+
+    async def GetValuation(self, request, context) -> pb.GetValuationResponse:
+        values, generations, total = await self._ledger_totals("GetValuation", request, context, lambda window: (
+            self.ledger.values(window, request.limit or None, list(request.training_ids) or None)))
         return pb.GetValuationResponse(
             values=[pb.TrainingImageValue(training_id=v.training_id, contributor_id=v.contributor_id, value=v.value,
                                           generations=v.generations) for v in values],
             generations=generations, total_credit=total)
 
     async def TopContributors(self, request, context) -> pb.TopContributorsResponse:
-        try:
-            window = self._window(request)
-            contributors = await asyncio.to_thread(self.ledger.contributors, window, request.limit or 10)
-            generations, total = await asyncio.to_thread(self.ledger.totals, window)
-        except Exception as exc:  # noqa: BLE001
-            await self._fail("TopContributors", context, exc)
-            return
-        self.metrics.requests.labels("TopContributors", "OK").inc()
+        contributors, generations, total = await self._ledger_totals(
+            "TopContributors", request, context, lambda window: self.ledger.contributors(window, request.limit or 10))
         return pb.TopContributorsResponse(
             contributors=[pb.ContributorValue(contributor_id=c.contributor_id, value=c.value, generations=c.generations,
                                               training_images=c.training_images) for c in contributors],
