@@ -158,3 +158,34 @@ def payouts(ledger_url: str, tmp_path, total: float, by_contributor: dict[str, f
         lines = list(csv.DictReader(handle))
     assert len(lines) == GENERATIONS * 10 and sum(float(r["credit"]) for r in lines) == pytest.approx(total)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_ledger_outage_is_unavailable_sends_nothing_and_recovers(milvus, digits_collection, generations, tmp_path):
+    """PostgreSQL going down under a running server: calls fail UNAVAILABLE with no credits sent
+    and nothing recorded; when it returns, the server reconnects by itself."""
+    from postgres_server import PostgresServer, find_bindir
+
+    if find_bindir() is None:
+        pytest.skip("PostgreSQL is not installed (`make test` installs Debian's postgresql package)")
+    database = PostgresServer(free_port()).start()
+    try:
+        url = database.url()
+        process, target = start_server(milvus, digits_collection[0], url, tmp_path / "serve.log")
+        try:
+            with GMVClient(target, retries=0) as client:
+                (gid, image), (gid_down, image_down) = generations[0], generations[1]
+                assert client.attribute(image, gid).ledger == "recorded"
+                database.pause()
+                with pytest.raises(grpc.RpcError) as caught:
+                    client.attribute(image_down, gid_down)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "ledger" in caught.value.details()
+                database.resume()
+                assert client.attribute(image_down, gid_down).ledger == "recorded"
+                assert client.attribute(image, gid).ledger == "replayed"
+            with open_ledger(url) as ledger:
+                assert ledger.totals()[0] == 2 and ledger.integrity_problems() == []
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    finally:
+        database.stop()
