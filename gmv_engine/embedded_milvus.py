@@ -258,6 +258,23 @@ def _serve(data_dir: str, port: int) -> None:
     import milvus
     from milvus import MilvusServer, MilvusServerConfig
 
+    class PortCheckingConfig(MilvusServerConfig):
+        """The package checks each port by binding it without SO_REUSEADDR, which fails for a
+        minute after a restart while the last server's connections sit in TIME_WAIT, though
+        Milvus itself (Go sets SO_REUSEADDR) can listen there. Check the way Milvus binds:
+        a port still fails while anything listens on it."""
+
+        def try_bind_port(self, port: int):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+                return sock
+            except OSError:
+                sock.close()
+                return None
+
     etcd_port, etcd_peer_port = free_port(), free_port()
     etcd_config = Path(data_dir) / "gmv-etcd.yaml"
     etcd_config.write_text(
@@ -271,12 +288,13 @@ def _serve(data_dir: str, port: int) -> None:
     )
     template = Path(data_dir) / "gmv-milvus.yaml.template"
     template.write_text(_loopback_template(etcd_config), encoding="utf-8")
-    config = MilvusServerConfig(template=str(template))
+    config = PortCheckingConfig(template=str(template))
     config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")  # set only for its own template
+    # Passed as required ports, not defaults: for a default the package scans on to the next free
+    # port when a bind fails, and a proxy that moved off `port` looks to us like one that never starts.
+    config.update(proxy_port=port, etcd_port=etcd_port)
     server = MilvusServer(config, wait_for_started=False)
     server.set_base_dir(data_dir)
-    server.config.set("proxy_port", port)
-    server.config.set("etcd_port", etcd_port)
     # The server shares our process group, so a group SIGTERM reaches it directly; we only wait
     # for its graceful stop, which revokes its etcd session. (The package's stop() SIGKILLs after
     # 1 s, leaving a session that makes the next start wait for its lease to expire.)
