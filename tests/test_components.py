@@ -64,6 +64,25 @@ def test_lpips_reranker_code_path_with_random_backbone():
     assert distances[0] == pytest.approx(0.0, abs=1e-6) and distances[1] > 0
 
 
+def test_vgg16_gpu_preprocessing_matches_the_pil_transform_within_one_grey_level():
+    """On CUDA the encoder resizes/crops/normalises tensors on the GPU instead of PIL images on
+    the CPU; an index built on one must serve queries from the other. (Random weights: this
+    checks the preprocessing, which does not depend on them.)"""
+    from gmv_engine.encoders.vgg16 import VGG16Encoder
+
+    encoder = VGG16Encoder("cpu", pretrained=False)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in
+              [(512, 512, 3), (512, 512, 3), (300, 200, 3), (64, 64, 3)]] + [solid(200, 40).convert("L")]
+    by_pil, by_tensors = encoder.preprocess(images), encoder.preprocess_tensors(images)
+    assert by_pil.shape == by_tensors.shape == (5, 3, 224, 224)
+    one_grey_level = 1 / 255 / min(encoder.transform.std)
+    difference = (by_pil - by_tensors).abs()
+    assert float(difference.max()) <= one_grey_level * 1.001 and float(difference.mean()) < one_grey_level / 3
+    embeddings_pil, embeddings_tensors = encoder.embed_batch(by_pil), encoder.embed_batch(by_tensors)
+    assert np.all(np.sum(embeddings_pil * embeddings_tensors, axis=1) > 0.9999)
+
+
 def test_none_reranker_stores_nothing():
     reranker = create_reranker("none")
     assert reranker.feature_dim == 0 and reranker.features([solid(0)]).shape == (1, 0)
