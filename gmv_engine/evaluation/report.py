@@ -47,20 +47,28 @@ def _ks(shares: dict) -> list:
 
 
 # -- plots --------------------------------------------------------------------------------------
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_c1(path: Path, c1: dict, title: str = "C1 identical class") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, shares in c1.items():
         ks = _ks(shares)
         ax.plot([int(k) for k in ks], [100 * shares[k] for k in ks], marker="o", label=name)
-    ax.set_xlabel("k (top-k credited training images)")
-    ax.set_ylabel("share with the generation's label (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _label(ax, "k (top-k credited training images)", "share with the generation's label (%)", title)
+    _save(plt, fig, path)
 
 
 def plot_c2(path: Path, c2: dict) -> None:
@@ -72,14 +80,8 @@ def plot_c2(path: Path, c2: dict) -> None:
             shares = per[attribute]
             ks = _ks(shares)
             ax.plot([int(k) for k in ks], [100 * shares[k] for k in ks], marker="o", label=name)
-        ax.set_title(f"C2 identical attribute: {attribute}")
-        ax.set_xlabel("k")
-        ax.set_ylabel("share with the generation's value (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, "k", "share with the generation's value (%)", f"C2 identical attribute: {attribute}")
+    _save(plt, fig, path)
 
 
 def plot_c3(path: Path, c3: dict) -> None:
@@ -90,23 +92,15 @@ def plot_c3(path: Path, c3: dict) -> None:
     left.plot([0, 100], [0, 100], color="grey", linestyle=":", label="random order")
     bottom = 100 * next(iter(c3.values()))["bottom_fraction"]
     left.axvline(bottom, color="grey", linewidth=0.8)
-    left.set_xlabel("share of training images inspected, lowest value first (%)")
-    left.set_ylabel("share of corrupted images found (%)")
-    left.set_title("C3 data cleansing: corrupted images found from the bottom")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    _label(left, "share of training images inspected, lowest value first (%)", "share of corrupted images found (%)",
+           "C3 data cleansing: corrupted images found from the bottom")
     bins = [i / 20 for i in range(21)]
     for name, record in c3.items():
         right.hist([100 * p for p in record["percentiles"]], bins=[100 * b for b in bins], histtype="step",
                    linewidth=1.5, label=name)
-    right.set_xlabel("value percentile of each corrupted image (0 = lowest value)")
-    right.set_ylabel("corrupted images")
-    right.set_title("where the corrupted images fall in the value ranking")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _label(right, "value percentile of each corrupted image (0 = lowest value)", "corrupted images",
+           "where the corrupted images fall in the value ranking")
+    _save(plt, fig, path)
 
 
 def plot_c4(path: Path, c4: dict) -> None:
@@ -130,9 +124,7 @@ def plot_c4(path: Path, c4: dict) -> None:
     ax.set_title("C4 efficiency: one generation at a time, through the server")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def image_grid(path: Path, data, per_class: int = 3, corrupted: int = 20) -> None:
