@@ -29,10 +29,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    from gmv_engine.config import PipelineSettings
+    from gmv_engine.settings import Settings
     from gmv_engine.datasets import read_heldout
     from gmv_engine.decode import load_image_file
-    from gmv_engine.index import training_pk
+    from gmv_engine.milvus.index import training_pk
     from gmv_engine.pipeline import STAGES, Attributor
 
     with digits_on_embedded_milvus(args.profile, args.device, "bench") as bench:
@@ -51,7 +51,7 @@ def main() -> None:
         encoded = [_png(image) for image in heldout]
         for title, cache_bytes in (("no feature cache: every re-rank feature fetched from Milvus", 0),
                                    ("feature cache warm: held-out set attributed once before timing", 256 << 20)):
-            attributor = Attributor(index, "bench", PipelineSettings(), device=device, encoder=encoder,
+            attributor = Attributor(index, "bench", Settings(), device=device, encoder=encoder,
                                     reranker=reranker, feature_cache_bytes=cache_bytes)
             attributor.attribute(heldout if cache_bytes else heldout[:8])  # warm-up
             print(f"## Attribution latency, {title}\n")

@@ -46,7 +46,7 @@ def main() -> None:
 
     from gmv_client import GMVClient
     from gmv_engine.datasets import read_heldout
-    from gmv_engine.embedded_milvus import free_port
+    from gmv_engine.milvus.embedded import free_port
 
     with digits_on_embedded_milvus(args.profile, args.device, "bench_serve") as bench:
         device = bench.device

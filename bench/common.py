@@ -18,7 +18,7 @@ class DigitsBench:
     encoder: object
     reranker: object
     milvus_uri: str
-    index: object  # gmv_engine.index.TrainingIndex
+    index: object  # gmv_engine.milvus.index.TrainingIndex
     report: object  # gmv_engine.ingest.IngestReport
     ingest_seconds: float
 
@@ -26,11 +26,11 @@ class DigitsBench:
 @contextlib.contextmanager
 def digits_on_embedded_milvus(profile_name: str, device_name: str, collection: str) -> Iterator[DigitsBench]:
     """Index the digits' training split into `collection` on a fresh embedded Milvus."""
-    from gmv_engine.config import get_profile
+    from gmv_engine.profiles import get_profile
     from gmv_engine.datasets import export_digits
-    from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
+    from gmv_engine.milvus.embedded import EmbeddedMilvus, free_port
     from gmv_engine.encoders import create_encoder
-    from gmv_engine.index import CollectionInfo, TrainingIndex
+    from gmv_engine.milvus.index import CollectionInfo, TrainingIndex
     from gmv_engine.ingest import ingest, read_manifest
     from gmv_engine.models import configure_model_dir, pick_device
     from gmv_engine.rerankers import create_reranker

@@ -9,9 +9,35 @@ and 0 for every other training image. T is a temperature (the paper uses T = 1).
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Credit:
+    """One kept training image's share of a generation's credit: the one shape of a credit in
+    GMV (engine, ledger and CLI); the gRPC and client types are converted at the edges."""
+
+    rank: int  # 1 = the closest
+    training_id: str
+    contributor_id: str
+    credit: float
+    distance: float  # the re-ranker's d, lower = closer
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """A generation's attribution: its quality q and its credits in rank order (summing to q)."""
+
+    quality: float
+    credits: tuple[Credit, ...]
+
+    @property
+    def contributors(self) -> list[tuple[str, float]]:
+        """Per-contributor sums, largest first."""
+        return sum_by_contributor((c.contributor_id for c in self.credits), (c.credit for c in self.credits))
 
 
 def credits_from_distances(distances: Sequence[float], quality: float, temperature: float = 1.0) -> np.ndarray:

@@ -33,8 +33,13 @@ def digit_image(pixels_8x8: np.ndarray, side: int = SIDE) -> Image.Image:
 def export_digits(root: str | Path, heldout_fraction: float = 0.1, seed: int = 0) -> DigitsExport:
     """Write the digits as PNGs: train/digit-K/NNNN.png (contributor = the class folder) and
     heldout/NNNN.png, with CSV manifests. A stratified split, the same for the same seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        from .errors import GMVError
+
+        raise GMVError("the digits data set needs scikit-learn: pip install -e '.[eval]'") from None
 
     root = Path(root)
     digits = load_digits()

@@ -14,18 +14,23 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidImageError
+from .settings import DEFAULTS, Settings
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024  # 20 MiB: a 4k PNG is well under this
-    max_pixels: int = 40_000_000  # ~ 6300 x 6300
-    min_side: int = 8  # PIQE and the encoders need a few pixels to work with
+    max_bytes: int
+    max_pixels: int
+    min_side: int  # PIQE and the encoders need a few pixels to work with
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ImageLimits":
+        return cls(settings.max_image_bytes, settings.max_image_pixels, settings.min_image_side)
 
 
-DEFAULT_LIMITS = ImageLimits()
+DEFAULT_LIMITS = ImageLimits.from_settings(DEFAULTS)
 
 
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:

@@ -21,7 +21,7 @@ from PIL import Image
 from .decode import DEFAULT_LIMITS, ImageLimits, load_image_file
 from .encoders import Encoder
 from .errors import InvalidImageError, ManifestError
-from .index import MAX_CONTRIBUTOR_ID, MAX_TRAINING_ID, CollectionInfo, IndexParams, TrainingIndex, TrainingRow
+from .milvus.index import MAX_CONTRIBUTOR_ID, MAX_TRAINING_ID, CollectionInfo, IndexParams, TrainingIndex, TrainingRow
 from .rerankers import Reranker
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class IngestReport:
     duplicates: int = 0  # exact same image bytes as a row already indexed (or earlier in this run)
     bad: list[BadRow] = field(default_factory=list)
     index_state: dict = field(default_factory=dict)
+    per_contributor: dict[str, int] = field(default_factory=dict)  # contributor_id -> rows inserted this run
 
     def summary(self) -> str:
         return (
@@ -99,15 +100,26 @@ def read_manifest(manifest: str | Path) -> list[SourceRow]:
         return rows
 
 
-def scan_folder(root: str | Path) -> list[SourceRow]:
-    """Every image under `root`: training_id = path relative to root, contributor_id = parent folder."""
+def scan_folder(root: str | Path, contributor_depth: int = 1) -> list[SourceRow]:
+    """Every image under `root`: training_id = path relative to root, contributor_id = the first
+    `contributor_depth` folders under root joined by "/" (alice/2024/may/x.png -> alice).
+    Hidden files and folders (".name") are skipped. An image with fewer folders above it gets
+    contributor_id "" and so is reported as a bad row."""
+    if contributor_depth < 1:
+        raise ManifestError(f"contributor depth must be at least 1, got {contributor_depth}")
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root} is not a folder")
     rows = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        contributor = relative.parent.name if relative.parent != Path(".") else ""
+        # Judged on the path below root only: a root that is itself inside a hidden folder still scans.
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        folders = relative.parts[:-1]
+        contributor = "/".join(folders[:contributor_depth]) if len(folders) >= contributor_depth else ""
         rows.append(SourceRow(line=0, path=path, training_id=relative.as_posix(), contributor_id=contributor))
     return rows
 
@@ -190,6 +202,8 @@ def ingest(
                 TrainingRow(row.training_id, row.contributor_id, digest, row.metadata) for row, _, digest in to_insert
             ], embeddings, features)
             report.inserted += len(to_insert)
+            for row, _, _ in to_insert:
+                report.per_contributor[row.contributor_id] = report.per_contributor.get(row.contributor_id, 0) + 1
         bar.update(len(batch))
     bar.close()
     report.index_state = index.finish(collection, timeout_s=index_timeout_s)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .credit import sum_by_contributor
+from .credit import Attribution, Credit
 from .errors import GenerationConflictError, GMVError, LedgerUnavailableError
 
 # Each migration runs once, in order, in one transaction; `schema_migrations` says which ran.
@@ -67,15 +67,6 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 @dataclass(frozen=True)
-class CreditRow:
-    rank: int
-    training_id: str
-    contributor_id: str
-    credit: float
-    distance: float
-
-
-@dataclass(frozen=True)
 class GenerationRecord:
     generation_id: str
     tenant_id: str
@@ -84,14 +75,18 @@ class GenerationRecord:
     settings_hash: str
     image_sha256: str
     quality: float
-    credits: tuple[CreditRow, ...]
+    credits: tuple[Credit, ...]
     recorded_at: float = 0.0  # Unix seconds (UTC); set by the ledger when 0
     settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
+    def attribution(self) -> Attribution:
+        return Attribution(self.quality, tuple(self.credits))
+
+    @property
     def contributors(self) -> list[tuple[str, float]]:
         """Per-contributor sums, largest first: the same order the engine reports."""
-        return sum_by_contributor((c.contributor_id for c in self.credits), (c.credit for c in self.credits))
+        return self.attribution.contributors
 
 
 @dataclass(frozen=True)
@@ -352,7 +347,7 @@ class Ledger:
             return None
         credits = self._execute(conn, "SELECT rank, training_id, contributor_id, credit, distance FROM credits "
                                       "WHERE generation_id = ? ORDER BY rank", (generation_id,)).fetchall()
-        return GenerationRecord(*row[:7], credits=tuple(CreditRow(*c) for c in credits), recorded_at=row[7])
+        return GenerationRecord(*row[:7], credits=tuple(Credit(*c) for c in credits), recorded_at=row[7])
 
     def _query(self, statement: str, params: Sequence[Any], doing: str) -> list[tuple]:
         with self._lock:

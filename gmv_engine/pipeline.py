@@ -1,7 +1,9 @@
 """The attribution pipeline: decode -> embed -> recall -> re-rank -> quality -> credit.
 
-One `Attributor` serves one collection. It works on batches so that a server can hand it
-many generations at once: one encoder pass, one Milvus search, one feature fetch.
+An `Attributor` is one collection: the components that built it, its query settings and its
+re-rank feature cache. `attribute_batch` runs a batch that may mix collections: images whose
+collections share an encoder (or quality model) go through it in one pass, and each
+collection's images get one Milvus search and one feature fetch.
 """
 from __future__ import annotations
 
@@ -13,33 +15,19 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import PipelineSettings, get_profile
-from .credit import credits_from_distances, sum_by_contributor
-from .decode import DEFAULT_LIMITS, ImageLimits, decode_image
-from .encoders import Encoder, create_encoder
+from .credit import Attribution, Credit, credits_from_distances
+from .decode import ImageLimits, decode_image
+from .encoders import Encoder
 from .errors import IncompatibleCollectionError, InvalidArgumentError
 from .feature_cache import FeatureCache
-from .index import CollectionInfo, Hit, TrainingIndex
-from .quality import QualityScorer, create_quality
-from .rerankers import Reranker, create_reranker
+from .milvus.index import CollectionInfo, Hit, TrainingIndex
+from .models import ModelPool
+from .profiles import get_profile
+from .quality import QualityScorer
+from .rerankers import Reranker
+from .settings import DEFAULTS, Settings
 
 STAGES = ("decode", "embed", "recall", "rerank", "quality", "credit")
-
-
-@dataclass
-class Credit:
-    rank: int
-    training_id: str
-    contributor_id: str
-    credit: float
-    distance: float
-
-
-@dataclass
-class Attribution:
-    quality: float
-    credits: list[Credit]
-    contributors: list[tuple[str, float]]
 
 
 @dataclass
@@ -66,19 +54,19 @@ class Attributor:
         self,
         index: TrainingIndex,
         collection: str,
-        settings: PipelineSettings = PipelineSettings(),
+        settings: Settings = DEFAULTS,
         device: str = "cpu",
         encoder: Encoder | None = None,
         reranker: Reranker | None = None,
         quality: QualityScorer | None = None,
-        limits: ImageLimits = DEFAULT_LIMITS,
-        feature_cache_bytes: int = 256 * 1024 * 1024,
+        models: ModelPool | None = None,
+        feature_cache_bytes: int | None = None,
     ):
-        settings.check()
+        settings.check_query()
         self.index = index
         self.collection = collection
         self.settings = settings
-        self.limits = limits
+        self.limits = ImageLimits.from_settings(settings)
         self.info: CollectionInfo = index.info(collection)
         reranker_name = settings.reranker or self.info.reranker
         if reranker_name not in ("none", self.info.reranker):
@@ -86,20 +74,27 @@ class Attributor:
                 f"collection '{collection}' stores re-rank features for '{self.info.reranker}', not '{reranker_name}'; "
                 f"use --reranker {self.info.reranker} or none, or build a collection with --reranker {reranker_name}"
             )
-        self.encoder = encoder or create_encoder(self.info.encoder, device=device)
+        models = models or ModelPool(device)
+        self.encoder = encoder or models.get("encoder", self.info.encoder)
         if self.encoder.name != self.info.encoder or self.encoder.dim != self.info.encoder_dim:
             raise IncompatibleCollectionError(
                 f"collection '{collection}' was built with encoder {self.info.encoder} ({self.info.encoder_dim}-d), "
                 f"not {self.encoder.name} ({self.encoder.dim}-d)"
             )
-        self.reranker = reranker or create_reranker(reranker_name, device=device)
-        quality_name = settings.quality or _profile_quality(self.info.profile)
-        self.quality = quality or create_quality(quality_name, device=device)
+        self.reranker = reranker or models.get("reranker", reranker_name)
+        self.quality = quality or models.get("quality", settings.quality or _profile_quality(self.info.profile))
         self.times = StageTimes()
         # Called with {stage: seconds} after each batch that succeeded (a server's metrics).
         self.on_batch: Callable[[Mapping[str, float]], None] | None = None
-        self.feature_cache = FeatureCache(feature_cache_bytes)
+        cache_bytes = settings.feature_cache_mb * 1024 * 1024 if feature_cache_bytes is None else feature_cache_bytes
+        self.feature_cache = FeatureCache(cache_bytes)
         index.load(collection)
+
+    @property
+    def components(self) -> dict[str, str]:
+        """What produces this collection's credits: the record a ledger hashes with each generation."""
+        return {"collection": self.collection, "profile": self.info.profile, "encoder": self.encoder.name,
+                "reranker": self.reranker.name, "quality": self.quality.name}
 
     def attribute_bytes(self, images: Sequence[bytes], top_k: int | Sequence[int] | None = None) -> list[Attribution]:
         with self.times.stage("decode"):
@@ -109,24 +104,8 @@ class Attributor:
     def attribute(self, images: Sequence[Image.Image], top_k: int | Sequence[int] | None = None) -> list[Attribution]:
         """Attribute a batch. `top_k` is one k for all, one per image (a server's batch mixes
         callers), or None for the settings' default."""
-        if not images:
-            return []
-        settings = self.settings
         top_ks = self.check_top_k(top_k, len(images))
-        batch: dict[str, float] = {}
-        with self.times.stage("embed", batch):
-            vectors = self.encoder.embed(images)
-        with self.times.stage("recall", batch):
-            recalled = self.index.search(self.collection, vectors, settings.recall_k, settings.nprobe)
-        with self.times.stage("rerank", batch):
-            ranked = self._rerank(images, recalled, top_ks)
-        with self.times.stage("quality", batch):
-            qualities = self.quality.score(images)
-        with self.times.stage("credit", batch):
-            results = [self._credit(kept, float(q), settings.temperature) for kept, q in zip(ranked, qualities)]
-        if self.on_batch is not None:
-            self.on_batch(batch)
-        return results
+        return attribute_batch([self] * len(images), images, top_ks, self.times, self.on_batch)
 
     def check_top_k(self, top_k: int | Sequence[int] | None, count: int) -> list[int]:
         if top_k is None:
@@ -139,7 +118,10 @@ class Attributor:
                 raise InvalidArgumentError(f"top_k must be between 1 and {self.settings.recall_k}, got {k}")
         return top_ks
 
-    def _rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_ks: list[int]) -> list[list[Hit]]:
+    def recall(self, vectors: np.ndarray) -> list[list[Hit]]:
+        return self.index.search(self.collection, vectors, self.settings.recall_k, self.settings.nprobe)
+
+    def rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_ks: Sequence[int]) -> list[list[Hit]]:
         if self.reranker.name != "none":
             features = self._features({hit.pk for hits in recalled for hit in hits})
             recalled = [[hit for hit in hits if hit.pk in features] for hits in recalled]
@@ -163,16 +145,58 @@ class Attributor:
             features.update(fetched)
         return features
 
-    @staticmethod
-    def _credit(kept: list[Hit], quality: float, temperature: float) -> Attribution:
-        values = credits_from_distances([hit.distance for hit in kept], quality, temperature)
-        credits = [
+    def credit(self, kept: list[Hit], quality: float) -> Attribution:
+        values = credits_from_distances([hit.distance for hit in kept], quality, self.settings.temperature)
+        return Attribution(quality, tuple(
             Credit(rank=i + 1, training_id=hit.training_id, contributor_id=hit.contributor_id,
                    credit=float(value), distance=hit.distance)
             for i, (hit, value) in enumerate(zip(kept, values))
-        ]
-        contributors = sum_by_contributor((c.contributor_id for c in credits), (c.credit for c in credits))
-        return Attribution(quality=quality, credits=credits, contributors=contributors)
+        ))
+
+
+def attribute_batch(attributors: Sequence[Attributor], images: Sequence[Image.Image], top_ks: Sequence[int],
+                    times: StageTimes | None = None,
+                    on_batch: Callable[[Mapping[str, float]], None] | None = None) -> list[Attribution]:
+    """Attribute image i against attributors[i] with k = top_ks[i]. Models shared by several
+    collections (the same object from one ModelPool) run once over all their images."""
+    if not images:
+        return []
+    times = times or StageTimes()
+    batch: dict[str, float] = {}
+    count = len(images)
+    vectors: list[np.ndarray | None] = [None] * count
+    with times.stage("embed", batch):
+        for encoder, members in _groups(attributors, lambda a: a.encoder):
+            for i, vector in zip(members, encoder.embed([images[i] for i in members])):
+                vectors[i] = vector
+    kept: list[list[Hit] | None] = [None] * count
+    by_collection = _groups(attributors, lambda a: a)
+    with times.stage("recall", batch):
+        recalled = {id(a): a.recall(np.stack([vectors[i] for i in members])) for a, members in by_collection}
+    with times.stage("rerank", batch):
+        for attributor, members in by_collection:
+            ranked = attributor.rerank([images[i] for i in members], recalled[id(attributor)],
+                                       [top_ks[i] for i in members])
+            for i, hits in zip(members, ranked):
+                kept[i] = hits
+    qualities = np.zeros(count, dtype=np.float64)
+    with times.stage("quality", batch):
+        for scorer, members in _groups(attributors, lambda a: a.quality):
+            qualities[members] = scorer.score([images[i] for i in members])
+    with times.stage("credit", batch):
+        results = [attributors[i].credit(kept[i], float(qualities[i])) for i in range(count)]
+    if on_batch is not None:
+        on_batch(batch)
+    return results
+
+
+def _groups(attributors: Sequence[Attributor], key) -> list[tuple[object, list[int]]]:
+    """Indices grouped by the identity of key(attributor), in first-seen order."""
+    groups: dict[int, tuple[object, list[int]]] = {}
+    for i, attributor in enumerate(attributors):
+        value = key(attributor)
+        groups.setdefault(id(value), (value, []))[1].append(i)
+    return list(groups.values())
 
 
 def _profile_quality(profile: str) -> str:

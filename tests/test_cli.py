@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gmv_engine.embedded_milvus import free_port
+from gmv_engine.milvus.embedded import free_port
 
 GMV = [sys.executable, "-m", "gmv_server.cli"]
 
@@ -50,10 +50,10 @@ def test_index_build_reports_ivf_pq(folder_collection):
     assert "index IVF_PQ" in folder_collection.stdout and "60/60 rows indexed" in folder_collection.stdout
 
 
-def test_attribute_json_lines(milvus, digits, folder_collection):
+def test_attribute_json_lines(milvus, digits, folder_collection, tmp_path):
     heldout = sorted((digits.root / "heldout").glob("*.png"))[:3]
     result = gmv("attribute", *map(str, heldout), "--collection", "cli_digits", "--top-k", "5", "--json",
-                 "--milvus-uri", milvus.uri)
+                 "--milvus-uri", milvus.uri, "--data-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["generation_id"] for r in records] == [p.stem for p in heldout]
@@ -70,22 +70,24 @@ def test_attribute_table_and_bad_image(milvus, digits, folder_collection, tmp_pa
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"garbage")
     good = sorted((digits.root / "heldout").glob("*.png"))[0]
-    result = gmv("attribute", str(good), str(bad), "--collection", "cli_digits", "--milvus-uri", milvus.uri)
+    result = gmv("attribute", str(good), str(bad), "--collection", "cli_digits", "--milvus-uri", milvus.uri,
+                 "--data-dir", str(tmp_path))
     assert result.returncode == 1
     assert f"{bad}: image could not be decoded" in result.stderr
     assert "quality q =" in result.stdout and "contributors:" in result.stdout
 
 
-def test_unknown_collection_is_a_clear_error(milvus, digits):
+def test_unknown_collection_is_a_clear_error(milvus, digits, tmp_path):
     good = sorted((digits.root / "heldout").glob("*.png"))[0]
-    result = gmv("attribute", str(good), "--collection", "nope", "--milvus-uri", milvus.uri)
+    result = gmv("attribute", str(good), "--collection", "nope", "--milvus-uri", milvus.uri, "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "collection 'nope' does not exist" in result.stderr and "gmv index build" in result.stderr
 
 
-def test_unreachable_milvus_is_a_clear_error(digits):
+def test_unreachable_milvus_is_a_clear_error(digits, tmp_path):
     good = sorted((digits.root / "heldout").glob("*.png"))[0]
-    result = gmv("attribute", str(good), "--collection", "x", "--milvus-uri", f"http://127.0.0.1:{free_port()}", timeout=120)
+    result = gmv("attribute", str(good), "--collection", "x", "--milvus-uri", f"http://127.0.0.1:{free_port()}",
+                 "--data-dir", str(tmp_path), timeout=120)
     assert result.returncode == 2
     assert "gmv: error:" in result.stderr and "Milvus" in result.stderr
 

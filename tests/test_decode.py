@@ -1,28 +1,22 @@
 """Bad images get a clear InvalidImageError; good ones decode to RGB."""
 import io
+from dataclasses import replace
 import struct
 import zlib
 
 import pytest
 from PIL import Image
 
-from gmv_engine.decode import ImageLimits, decode_image, load_image_file
+from gmv_engine.decode import DEFAULT_LIMITS, decode_image, load_image_file
 from gmv_engine.errors import InvalidImageError
+
+from helpers import png_header_only
 
 
 def encoded(fmt: str, size=(32, 24), mode="RGB") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color=120 if mode == "L" else (10, 200, 30)).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels: a decompression bomb's shape."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -47,7 +41,7 @@ def test_rejects_empty_and_corrupt(data, message):
 
 def test_rejects_too_many_bytes():
     with pytest.raises(InvalidImageError, match="bytes; the limit"):
-        decode_image(encoded("PNG"), ImageLimits(max_bytes=50))
+        decode_image(encoded("PNG"), replace(DEFAULT_LIMITS, max_bytes=50))
 
 
 def test_rejects_decompression_bomb_before_decoding():
@@ -59,7 +53,7 @@ def test_rejects_decompression_bomb_before_decoding():
 
 def test_rejects_too_many_pixels():
     with pytest.raises(InvalidImageError, match="pixels; the limit"):
-        decode_image(encoded("PNG", size=(100, 100)), ImageLimits(max_pixels=5_000))
+        decode_image(encoded("PNG", size=(100, 100)), replace(DEFAULT_LIMITS, max_pixels=5_000))
 
 
 def test_rejects_tiny_images():

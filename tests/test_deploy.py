@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gmv_server.config import ServerConfig
+from gmv_engine.settings import FIELDS, Settings
 from gmv_server.healthcheck import SERVICE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-# Variables gmv reads besides ServerConfig's GMV_<FIELD> (cli.py's Milvus and model options).
-CLI_ENV = {"GMV_MILVUS_URI", "GMV_MILVUS_TOKEN", "GMV_DATA_DIR", "GMV_MILVUS_PORT", "GMV_MODEL_DIR", "GMV_DEVICE"}
-CONFIG_ENV = {f"GMV_{name.upper()}" for name in ServerConfig.__dataclass_fields__}
+# Every variable gmv reads: one GMV_<FIELD> per setting, and GMV_CONFIG naming the file.
+CLI_ENV = {"GMV_CONFIG"}
+CONFIG_ENV = {f"GMV_{name.upper()}" for name in FIELDS}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -117,7 +117,7 @@ def test_compose_gmv_service_points_at_milvus_and_is_health_checked(compose):
     assert test[:4] == ["CMD", "python", "-m", "gmv_server.healthcheck"] and test[4] == f"127.0.0.1:{env['GMV_PORT']}"
     assert gmv["depends_on"]["standalone"]["condition"] == "service_healthy"
     # Compose's GMV_* settings are valid for the server's own config loader.
-    config = ServerConfig.load(env={k: v.split(":-")[-1].rstrip("}") for k, v in env.items()})
+    config = Settings.load(env={k: v.split(":-")[-1].rstrip("}") for k, v in env.items()})
     assert (config.port, config.metrics_port, config.log_format) == (50051, 9464, "json")
 
 
@@ -197,7 +197,7 @@ def test_k8s_config_is_what_the_server_loads_and_matches_the_ports(k8s, tmp_path
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
     toml_file = tmp_path / config_path.name
     toml_file.write_text(configmap["data"][config_path.name])
-    config = ServerConfig.load(toml_file, env={})  # the server's own loader: unknown keys fail
+    config = Settings.load(toml_file, env={})  # the server's own loader: unknown keys fail
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert (config.port, config.metrics_port) == (ports["grpc"], ports["metrics"])
     assert pod["terminationGracePeriodSeconds"] > config.grace_s

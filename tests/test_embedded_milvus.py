@@ -1,7 +1,7 @@
 """The embedded Milvus' own start-up, apart from what is served on it."""
 import socket
 
-from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
+from gmv_engine.milvus.embedded import EmbeddedMilvus, free_port
 
 
 def leave_time_wait_on(port: int) -> None:

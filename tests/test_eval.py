@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from gmv_engine.evaluation import criteria as C
+from gmv_eval import criteria as C
 
-from conftest import write_csv
+from helpers import write_csv
 
 
 # -- C1 / C2 ------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_c4_aggregates_end_to_end_and_per_stage_seconds():
 # -- variants, data, report ---------------------------------------------------------------------
 def test_variants_without_weights_are_skipped_with_the_reason():
     from gmv_engine.errors import MissingWeightsError
-    from gmv_server.evaluation import available_rerankers
+    from gmv_eval.command import available_rerankers
 
     def create(name, device):  # stand-in: dreamsim's weights are "missing", the others build
         if name == "dreamsim":
@@ -138,7 +138,7 @@ def test_variants_without_weights_are_skipped_with_the_reason():
 
 
 def test_measured_attributes():
-    from gmv_engine.evaluation.digits_data import AttributeThresholds, ink, slant
+    from gmv_eval.digits_data import AttributeThresholds, ink, slant
 
     rising = np.eye(8)[::-1]  # bottom-left to top-right: leans right
     assert slant(rising) == pytest.approx(1.0) and slant(rising[:, ::-1]) == pytest.approx(-1.0)
@@ -152,7 +152,7 @@ def test_measured_attributes():
 
 
 def test_cvae_is_seeded_and_samples_in_range():
-    from gmv_engine.evaluation.cvae import ConditionalVAE
+    from gmv_eval.cvae import ConditionalVAE
 
     rng = np.random.default_rng(0)
     images, labels = rng.random((40, 64)), np.repeat(np.arange(4), 10)
@@ -169,7 +169,7 @@ def test_cvae_is_seeded_and_samples_in_range():
 def test_demo_data_maker(tmp_path):
     import csv
 
-    from gmv_engine.evaluation.digits_data import make_digits_eval_data, read_8x8
+    from gmv_eval.digits_data import make_digits_eval_data, read_8x8
     from gmv_engine.ingest import read_manifest
 
     data = make_digits_eval_data(tmp_path, per_class=2, epochs=1, corrupt_fraction=0.1, noise_sigma=0.3, seed=0)
@@ -188,7 +188,7 @@ def test_demo_data_maker(tmp_path):
 
 
 def test_report_writes_the_results_it_is_given(tmp_path):
-    from gmv_engine.evaluation.report import write_report
+    from gmv_eval.report import write_report
 
     cleansing = C.cleansing({"a": 0.0, "b": 1.0, "c": 2.0, "d": 3.0}, {"a"}, 0.25)
     record = {k: (list(map(float, v)) if isinstance(v, np.ndarray) else v) for k, v in cleansing.__dict__.items()}
@@ -210,8 +210,9 @@ def test_report_writes_the_results_it_is_given(tmp_path):
 
 
 # -- Milvus and the server ----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_flat_collection_searches_exactly(index):
-    from gmv_engine.index import CollectionInfo, IndexParams, TrainingRow
+    from gmv_engine.milvus.index import CollectionInfo, IndexParams, TrainingRow
 
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(300, 16)).astype(np.float32)
@@ -228,6 +229,7 @@ def test_flat_collection_searches_exactly(index):
     index.drop("eval_flat")
 
 
+@pytest.mark.e2e
 def test_gmv_eval_through_the_server(milvus, digits, tmp_path):
     """`gmv eval all` on a 100-image manifest and 20 held-out digits as the generated set, with
     two variants on exact search: C1, C3 and C4 run through real `gmv serve` processes; C2 is

@@ -5,10 +5,10 @@ import pytest
 from gmv_engine.datasets import read_heldout
 from gmv_engine.decode import load_image_file
 from gmv_engine.errors import CollectionNotFoundError, IncompatibleCollectionError
-from gmv_engine.index import IndexParams, default_nlist, default_pq_m, training_pk
+from gmv_engine.milvus.index import IndexParams, default_nlist, default_pq_m, training_pk
 from gmv_engine.ingest import read_manifest
 
-from conftest import make_info
+from helpers import make_info
 
 
 def test_collection_has_a_built_ivf_pq_index(index, digits_collection):
@@ -76,7 +76,7 @@ def test_default_index_parameters():
 
 def test_lite_file_uri_says_it_cannot_build_ivf_pq(tmp_path):
     from gmv_engine.errors import IndexUnavailableError
-    from gmv_engine.index import TrainingIndex, is_lite_uri
+    from gmv_engine.milvus.index import TrainingIndex, is_lite_uri
 
     assert is_lite_uri(str(tmp_path / "gmv.db")) and not is_lite_uri("http://127.0.0.1:19530")
     try:

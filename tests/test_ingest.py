@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 
 from gmv_engine.errors import ManifestError
-from gmv_engine.index import IndexParams
+from gmv_engine.milvus.index import IndexParams
 from gmv_engine.ingest import ingest, read_manifest, scan_folder
 
-from conftest import make_info, write_csv
+from helpers import make_info, write_csv
 
 
 @pytest.fixture()
@@ -101,6 +101,6 @@ def test_folder_mode_ids_and_contributors(tmp_path, index, offline_components):
             Image.new("RGB", (16, 16), (40 * i, 90, 200 if contributor == "bob" else 10)).save(path)
     rows = scan_folder(tmp_path / "set")
     assert [(r.training_id, r.contributor_id) for r in rows] == [
-        ("alice/a1.png", "alice"), ("alice/a2.png", "alice"), ("bob/nested/b1.png", "nested")]
+        ("alice/a1.png", "alice"), ("alice/a2.png", "alice"), ("bob/nested/b1.png", "bob")]
     with pytest.raises(ManifestError, match="not a folder"):
         scan_folder(tmp_path / "absent")

@@ -7,12 +7,13 @@ import threading
 import pytest
 
 from gmv_engine.errors import GenerationConflictError, GMVError, LedgerUnavailableError
-from gmv_engine.ledger import CreditRow, GenerationRecord, Window, open_ledger, settings_hash
+from gmv_engine.credit import Credit
+from gmv_engine.ledger import GenerationRecord, Window, open_ledger, settings_hash
 
 
 def make_record(generation_id: str, credits: list[tuple[str, str, float]], image: str = "image-a",
                 recorded_at: float = 0.0, tenant: str = "tenant-1", collection: str = "digits") -> GenerationRecord:
-    rows = tuple(CreditRow(rank, training_id, contributor, credit, 0.1 * rank)
+    rows = tuple(Credit(rank, training_id, contributor, credit, 0.1 * rank)
                  for rank, (training_id, contributor, credit) in enumerate(credits, start=1))
     settings = {"top_k": len(credits)}
     return GenerationRecord(generation_id, tenant, collection, "offline", settings_hash(settings), image,
@@ -127,14 +128,14 @@ def test_records_are_checked_before_anything_is_written(ledger_url):
     with open_ledger(ledger_url) as ledger:
         with pytest.raises(ValueError, match="ranks"):
             ledger.record(GenerationRecord("g", "", "c", "offline", "h", "i", 0.5,
-                                           (CreditRow(2, "a", "x", 0.5, 0.1),)))
+                                           (Credit(2, "a", "x", 0.5, 0.1),)))
         with pytest.raises(ValueError, match="finite"):
             ledger.record(make_record("g", [("a", "x", float("nan"))]))
         assert ledger.totals() == (0, 0.0)
 
 
 def test_an_unreachable_postgres_is_unavailable_not_a_crash():
-    from gmv_engine.embedded_milvus import free_port
+    from gmv_engine.milvus.embedded import free_port
 
     with pytest.raises(LedgerUnavailableError, match="cannot open the ledger"):
         open_ledger(f"postgresql://gmv:secret@127.0.0.1:{free_port()}/gmv")

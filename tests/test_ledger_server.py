@@ -19,7 +19,7 @@ from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
 from gmv_client import GMVClient
 from gmv_engine.datasets import read_heldout
-from gmv_engine.embedded_milvus import free_port
+from gmv_engine.milvus.embedded import free_port
 from gmv_engine.ledger import open_ledger
 
 GENERATIONS = 60
@@ -163,7 +163,7 @@ def payouts(ledger_url: str, tmp_path, total: float, by_contributor: dict[str, f
 def test_a_ledger_outage_is_unavailable_sends_nothing_and_recovers(milvus, digits_collection, generations, tmp_path):
     """PostgreSQL going down under a running server: calls fail UNAVAILABLE with no credits sent
     and nothing recorded; when it returns, the server reconnects by itself."""
-    from postgres_server import PostgresServer, find_bindir
+    from helpers import PostgresServer, find_bindir
 
     if find_bindir() is None:
         pytest.skip("PostgreSQL is not installed (`make test` installs Debian's postgresql package)")

@@ -20,10 +20,10 @@ from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
 from gmv_client import GMVClient
 from gmv_engine.datasets import read_heldout
-from gmv_engine.embedded_milvus import free_port
+from gmv_engine.milvus.embedded import free_port
 
-from conftest import metric_samples as samples
-from conftest import start_server, stop_server
+from helpers import metric_samples as samples
+from helpers import start_server, stop_server
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -139,12 +139,13 @@ def test_live_metrics_pass_promtool_check_metrics(server, traffic):
 
 def test_requests_stages_and_batches_are_counted(server, traffic, digits_collection):
     values = samples(traffic["text"])
-    assert values['gmv_requests_total{code="OK",method="Attribute"}'] == OK_REQUESTS - 2
-    assert values['gmv_requests_total{code="OK",method="AttributeStream"}'] == 1
-    assert values['gmv_requests_total{code="INVALID_ARGUMENT",method="Attribute"}'] == BAD_REQUESTS
-    assert values['gmv_requests_total{code="OK",method="GetIndexInfo"}'] == 0  # exported before any call
-    assert values["gmv_generations_attributed_total"] == OK_REQUESTS
-    assert values["gmv_generation_duration_seconds_count"] == OK_REQUESTS
+    c = f'collection="{digits_collection[0]}"'  # request-level series carry the collection
+    assert values[f'gmv_requests_total{{code="OK",{c},method="Attribute"}}'] == OK_REQUESTS - 2
+    assert values[f'gmv_requests_total{{code="OK",{c},method="AttributeStream"}}'] == 1
+    assert values[f'gmv_requests_total{{code="INVALID_ARGUMENT",{c},method="Attribute"}}'] == BAD_REQUESTS
+    assert values[f'gmv_requests_total{{code="OK",{c},method="GetIndexInfo"}}'] == 0  # exported before any call
+    assert values[f"gmv_generations_attributed_total{{{c}}}"] == OK_REQUESTS
+    assert values[f"gmv_generation_duration_seconds_count{{{c}}}"] == OK_REQUESTS
     executions = values["gmv_batch_executions_total"]
     assert 1 <= executions <= OK_REQUESTS and values["gmv_batch_size_sum"] == OK_REQUESTS
     # Per generation: queue (only those that reached the batcher) and decode (bad images too).
@@ -156,11 +157,11 @@ def test_requests_stages_and_batches_are_counted(server, traffic, digits_collect
         assert values[f'gmv_stage_seconds_sum{{stage="{stage}"}}'] > 0, stage
     # The ledger's series are exported from the start. A recording server records each generation
     # once, in transactions that group the generations finishing together.
-    recorded = values['gmv_ledger_writes_total{outcome="recorded"}']
+    recorded = values[f'gmv_ledger_writes_total{{{c},outcome="recorded"}}']
     transactions = values['gmv_stage_seconds_count{stage="ledger_write"}']
     assert recorded in (0, OK_REQUESTS) and (transactions > 0) == (recorded > 0) and transactions <= recorded
     for outcome in ("recorded", "replayed", "conflict", "error"):
-        assert f'gmv_ledger_writes_total{{outcome="{outcome}"}}' in values
+        assert f'gmv_ledger_writes_total{{{c},outcome="{outcome}"}}' in values
     assert values['gmv_milvus_request_duration_seconds_count{operation="search"}'] >= executions
     assert values["gmv_milvus_up"] == 1
     assert values["gmv_queue_capacity"] == 256 and values["gmv_queue_depth"] == 0

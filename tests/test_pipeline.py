@@ -2,19 +2,19 @@
 import numpy as np
 import pytest
 
-from gmv_engine.config import PipelineSettings
+from gmv_engine.settings import Settings
 from gmv_engine.datasets import read_heldout
 from gmv_engine.decode import load_image_file
 from gmv_engine.errors import IncompatibleCollectionError, InvalidArgumentError, InvalidImageError
 from gmv_engine.pipeline import Attributor
 from gmv_engine.quality import create_quality
 
-from conftest import png_bytes
+from helpers import png_bytes
 
 
 @pytest.fixture(scope="module")
 def attributor(index, digits_collection):
-    return Attributor(index, digits_collection[0], PipelineSettings())
+    return Attributor(index, digits_collection[0], Settings())
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_batch_results_equal_single_results(attributor, heldout):
 
 
 def test_no_rerank_uses_recall_order(index, digits_collection, heldout):
-    plain = Attributor(index, digits_collection[0], PipelineSettings(reranker="none"),
+    plain = Attributor(index, digits_collection[0], Settings(reranker="none"),
                        quality=create_quality("none"))
     (result,) = plain.attribute([heldout[0][0]])
     assert result.quality == 1.0 and len(result.credits) == 10
@@ -88,7 +88,7 @@ def test_no_rerank_uses_recall_order(index, digits_collection, heldout):
 
 def test_reranker_the_collection_lacks_is_refused(index, digits_collection):
     with pytest.raises(IncompatibleCollectionError, match="stores re-rank features for 'l2'"):
-        Attributor(index, digits_collection[0], PipelineSettings(reranker="lpips"))
+        Attributor(index, digits_collection[0], Settings(reranker="lpips"))
 
 
 @pytest.mark.parametrize("top_k", [0, 101])

@@ -16,22 +16,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
 from gmv_client import AsyncGMVClient, GMVClient
-from gmv_engine.config import PipelineSettings
+from gmv_engine.settings import Settings
 from gmv_engine.datasets import read_heldout
 from gmv_engine.pipeline import Attributor
 
-from conftest import start_server, stop_server
-from test_decode import png_header_only
+from helpers import metric, png_header_only, start_server, stop_server
 
 SERVICE = "gmv.v1.AttributionService"
-
-
-def metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +42,7 @@ def images(digits):
 @pytest.fixture(scope="module")
 def expected(index, digits_collection, images):
     """The in-process pipeline's results for the same images: what the server must return."""
-    attributor = Attributor(index, digits_collection[0], PipelineSettings())
+    attributor = Attributor(index, digits_collection[0], Settings())
     return {gid: result for (gid, _), result in zip(images, attributor.attribute_bytes([data for _, data in images]))}
 
 
@@ -169,11 +160,12 @@ def test_passed_deadline_is_not_computed(server, images):
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_cli_remote_mode_prints_what_local_mode_prints(server, milvus, digits, digits_collection):
+def test_cli_remote_mode_prints_what_local_mode_prints(server, milvus, digits, digits_collection, tmp_path):
     paths = [str(path) for path, _, _ in read_heldout(digits.heldout)[:2]]
     cli = [sys.executable, "-m", "gmv_server.cli", "attribute", *paths, "--json"]
     remote = subprocess.run([*cli, "--server", server["target"]], capture_output=True, text=True, timeout=120)
-    local = subprocess.run([*cli, "--collection", digits_collection[0], "--milvus-uri", milvus.uri],
+    local = subprocess.run([*cli, "--collection", digits_collection[0], "--milvus-uri", milvus.uri,
+                            "--data-dir", str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
     assert remote.returncode == local.returncode == 0, remote.stderr + local.stderr
     for r, l in zip(remote.stdout.splitlines(), local.stdout.splitlines()):

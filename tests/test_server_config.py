@@ -1,25 +1,28 @@
+import argparse
+
 import grpc
 import pytest
 
-from gmv_server.config import ServerConfig
+from gmv_engine.settings import Settings
+from gmv_server.commands.serve import load_settings
 
 
 def test_precedence_defaults_file_env_flags(tmp_path):
     config_file = tmp_path / "gmv.toml"
-    config_file.write_text('collection = "from_file"\nmax_batch_size = 8\nport = 6000\n')
-    config = ServerConfig.load(config_file, env={"GMV_MAX_BATCH_SIZE": "16", "GMV_MAX_QUEUE_DELAY_MS": "2.5"},
-                               overrides={"port": 7000, "top_k": None})
-    assert (config.collection, config.max_batch_size, config.max_queue_delay_ms, config.port, config.top_k) == (
-        "from_file", 16, 2.5, 7000, 10)
+    config_file.write_text('collections = ["from_file"]\nmax_batch_size = 8\nport = 6000\n')
+    config = Settings.load(config_file, env={"GMV_MAX_BATCH_SIZE": "16", "GMV_MAX_QUEUE_DELAY_MS": "2.5"},
+                           overrides={"port": 7000, "top_k": None})
+    assert (config.collections, config.max_batch_size, config.max_queue_delay_ms, config.port, config.top_k) == (
+        ("from_file",), 16, 2.5, 7000, 10)
 
 
 def test_unknown_keys_and_missing_collection_are_errors(tmp_path):
     config_file = tmp_path / "gmv.toml"
-    config_file.write_text('collection = "x"\nmax_bach_size = 8\n')
+    config_file.write_text('collections = ["x"]\nmax_bach_size = 8\n')
     with pytest.raises(ValueError, match="max_bach_size"):
-        ServerConfig.load(config_file, env={})
+        Settings.load(config_file, env={})
     with pytest.raises(ValueError, match="collection is required"):
-        ServerConfig.load(None, env={})
+        load_settings(argparse.Namespace(config=None))
 
 
 def test_client_retries_unavailable_with_backoff():
@@ -58,7 +61,8 @@ def test_client_retries_unavailable_with_backoff():
 def test_every_engine_error_maps_to_its_documented_status():
     from gmv_engine import errors
     from gmv_server.batcher import DeadlinePassedError, QueueFullError, ShuttingDownError
-    from gmv_server.service import WarmingUpError, status_for
+    from gmv_server.attribution_service import WarmingUpError
+    from gmv_server.grpc_service import status_for
 
     code = grpc.StatusCode
     assert status_for(errors.InvalidImageError("x")) == code.INVALID_ARGUMENT
@@ -74,6 +78,6 @@ def test_every_engine_error_maps_to_its_documented_status():
 
 
 def test_log_format_is_text_or_json():
-    assert ServerConfig.load(None, env={"GMV_COLLECTION": "c", "GMV_LOG_FORMAT": "json"}).log_format == "json"
-    with pytest.raises(ValueError, match="log_format must be text or json"):
-        ServerConfig.load(None, env={"GMV_COLLECTION": "c"}, overrides={"log_format": "xml"})
+    assert Settings.load(None, env={"GMV_COLLECTIONS": "c", "GMV_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ValueError, match="log_format must be one of text, json"):
+        Settings.load(None, env={"GMV_COLLECTIONS": "c"}, overrides={"log_format": "xml"})

@@ -10,12 +10,12 @@ import pytest
 
 from gmv_client import GMVClient
 from gmv_engine.datasets import read_heldout
-from gmv_engine.embedded_milvus import EmbeddedMilvus, free_port
-from gmv_engine.index import TrainingIndex
+from gmv_engine.milvus.embedded import EmbeddedMilvus, free_port
+from gmv_engine.milvus.index import TrainingIndex
 from gmv_engine.ingest import ingest, read_manifest
 
-from conftest import make_info
-from test_server import metric
+from helpers import make_info
+from helpers import metric
 
 
 def wait_for_metric(port: int, name: str, value: float, timeout_s: float) -> None:

@@ -100,9 +100,10 @@ def _from_credits(generation_id: str, credits: list[pb.Credit], ledger: str = ""
                        tuple(sorted(totals.items(), key=lambda item: (-item[1], item[0]))), ledger)
 
 
-def _request(image: bytes, generation_id: str, top_k: int, tenant_id: str = "", record: bool = True) -> pb.AttributeRequest:
+def _request(image: bytes, generation_id: str, top_k: int, tenant_id: str = "", record: bool = True,
+             collection: str = "") -> pb.AttributeRequest:
     return pb.AttributeRequest(generation_id=generation_id, image=image, top_k=top_k, tenant_id=tenant_id,
-                               skip_ledger=not record)
+                               skip_ledger=not record, collection=collection)
 
 
 def _window(message, since: Moment, until: Moment):
@@ -154,10 +155,10 @@ class GMVClient:
                 time.sleep(_backoff(attempt, self.backoff_s))
 
     def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
-                  record: bool = True) -> Attribution:
+                  record: bool = True, collection: str = "") -> Attribution:
         """Credits for one generated image (PNG/JPEG/WebP bytes), in rank order. record=False:
         a preview the server does not write to its ledger."""
-        request = _request(image, generation_id, top_k, tenant_id, record)
+        request = _request(image, generation_id, top_k, tenant_id, record, collection)
 
         def call():
             responses = self.stub.Attribute(request, timeout=self.timeout_s)
@@ -167,11 +168,11 @@ class GMVClient:
         return _from_credits(generation_id, credits, ledger)
 
     def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]], tenant_id: str = "",
-                         record: bool = True) -> Iterator[Attribution]:
+                         record: bool = True, collection: str = "") -> Iterator[Attribution]:
         """Many generations over one call: (generation_id, image[, top_k]) in; results in any order.
         Not retried here (a stream may have been half consumed): resend the ids you did not get
         back, or the whole stream; recorded ones come back as "replayed", never twice."""
-        messages = (_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record) for r in requests)
+        messages = (_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record, collection) for r in requests)
         for message in self.stub.AttributeStream(messages, timeout=self.timeout_s):
             yield _from_result(message)
 
@@ -186,15 +187,21 @@ class GMVClient:
         request = _top_request(limit, since, until, tenant_id, collection)
         return _from_top(self._retrying(lambda: self.stub.TopContributors(request, timeout=self.timeout_s)))
 
-    def index_info(self) -> pb.IndexInfo:
-        return self._retrying(lambda: self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout_s))
+    def index_info(self, collection: str = "") -> pb.IndexInfo:
+        request = pb.GetIndexInfoRequest(collection=collection)
+        return self._retrying(lambda: self.stub.GetIndexInfo(request, timeout=self.timeout_s))
 
-    def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> pb.IndexInfo:
+    def list_collections(self) -> list[pb.IndexInfo]:
+        """Every collection the server serves."""
+        request = pb.ListCollectionsRequest()
+        return list(self._retrying(lambda: self.stub.ListCollections(request, timeout=self.timeout_s)).collections)
+
+    def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5, collection: str = "") -> pb.IndexInfo:
         """Block until the server answers (it says UNAVAILABLE while its models load)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=min(5.0, timeout_s))
+                return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(collection=collection), timeout=min(5.0, timeout_s))
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                     raise
@@ -226,8 +233,8 @@ class AsyncGMVClient:
                 await asyncio.sleep(_backoff(attempt, self.backoff_s))
 
     async def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
-                        record: bool = True) -> Attribution:
-        request = _request(image, generation_id, top_k, tenant_id, record)
+                        record: bool = True, collection: str = "") -> Attribution:
+        request = _request(image, generation_id, top_k, tenant_id, record, collection)
 
         async def call():
             responses = self.stub.Attribute(request, timeout=self.timeout_s)
@@ -238,8 +245,8 @@ class AsyncGMVClient:
         return _from_credits(generation_id, credits, ledger)
 
     async def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]], tenant_id: str = "",
-                               record: bool = True) -> AsyncIterator[Attribution]:
-        messages = [_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record) for r in requests]
+                               record: bool = True, collection: str = "") -> AsyncIterator[Attribution]:
+        messages = [_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record, collection) for r in requests]
         async for message in self.stub.AttributeStream(iter(messages), timeout=self.timeout_s):
             yield _from_result(message)
 
@@ -253,8 +260,14 @@ class AsyncGMVClient:
         request = _top_request(limit, since, until, tenant_id, collection)
         return _from_top(await self._retrying(lambda: self.stub.TopContributors(request, timeout=self.timeout_s)))
 
-    async def index_info(self) -> pb.IndexInfo:
-        return await self._retrying(lambda: self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout_s))
+    async def index_info(self, collection: str = "") -> pb.IndexInfo:
+        request = pb.GetIndexInfoRequest(collection=collection)
+        return await self._retrying(lambda: self.stub.GetIndexInfo(request, timeout=self.timeout_s))
+
+    async def list_collections(self) -> list[pb.IndexInfo]:
+        request = pb.ListCollectionsRequest()
+        reply = await self._retrying(lambda: self.stub.ListCollections(request, timeout=self.timeout_s))
+        return list(reply.collections)
 
     async def close(self) -> None:
         await self.channel.close()

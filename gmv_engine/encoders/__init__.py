@@ -1,7 +1,7 @@
 """Recall encoders by name. Each declares `dim`, `metric` and `needs_pretrained_weights`.
 
 Adding an encoder is one module with a class that has `embed(images) -> (n, dim) float32`,
-plus one line in ENCODERS.
+plus one entry in REGISTRY.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from ..registry import create
+from ..registry import Component, create
 
 
 class Encoder(Protocol):
@@ -34,8 +34,13 @@ def _vgg16(device: str) -> Encoder:
     return VGG16Encoder(device=device)
 
 
-ENCODERS = {"pixels": _pixels, "vgg16": _vgg16}
+REGISTRY = {
+    "pixels": Component("pixels", _pixels, "16x16 RGB pixels in [0, 1], 768-d", facts={"dim": 768, "metric": "L2"}),
+    "vgg16": Component("vgg16", _vgg16, "VGG-16 (ImageNet) conv features, average-pooled, 512-d",
+                       needs_pretrained_weights=True, facts={"dim": 512, "metric": "L2"}),
+}
+ENCODERS = REGISTRY
 
 
 def create_encoder(name: str, device: str = "cpu") -> Encoder:
-    return create(ENCODERS, "encoder", name, device)
+    return create(REGISTRY, "encoder", name, device)

@@ -24,14 +24,14 @@ def metric_facts(name: str) -> tuple[float, float, bool]:
 
 
 class PyiqaQuality:
-    def __init__(self, name: str, device: str = "cpu"):
+    def __init__(self, name: str, device: str = "cpu", needs_pretrained_weights: bool = True):
         import pyiqa
         import torch
 
         self.name = name
         self.low, self.high, self.lower_better = metric_facts(name)
         self.metric = load_pretrained(name, lambda: pyiqa.create_metric(name, device=device, as_loss=False))
-        self.needs_pretrained_weights = name not in {"piqe", "niqe", "brisque", "ilniqe", "nrqm", "pi"}
+        self.needs_pretrained_weights = needs_pretrained_weights
         self.device = device
         self._torch = torch
 

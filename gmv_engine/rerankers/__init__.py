@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from ..registry import create
+from ..registry import Component, create
 
 
 class Reranker(Protocol):
@@ -62,8 +62,21 @@ def _dreamsim(device: str) -> Reranker:
     return dreamsim_reranker(device=device)
 
 
-RERANKERS = {"none": _none, "l2": _l2, "lpips": _lpips, "dreamsim": _dreamsim}
+# facts: `measures` is "distance" (lower = closer) for every re-ranker; `stored` is what ingest
+# keeps per training image for it.
+REGISTRY = {
+    "none": Component("none", _none, "keep the recall order and distances (the paper's no-re-rank variant)",
+                      facts={"measures": "distance", "stored": "nothing", "feature_dim": 0}),
+    "l2": Component("l2", _l2, "RMS pixel ℓ2 at 32x32",
+                    facts={"measures": "distance", "stored": "32x32 RGB pixels", "feature_dim": 3072}),
+    "lpips": Component("lpips", _lpips, "LPIPS (AlexNet) at 64x64", needs_pretrained_weights=True,
+                       facts={"measures": "distance", "stored": "64x64 RGB pixels", "feature_dim": 12288}),
+    "dreamsim": Component("dreamsim", _dreamsim, "DreamSim (ensemble): cosine distance of stored embeddings",
+                          needs_pretrained_weights=True,
+                          facts={"measures": "distance", "stored": "DreamSim embedding", "feature_dim": 1792}),
+}
+RERANKERS = REGISTRY
 
 
 def create_reranker(name: str, device: str = "cpu") -> Reranker:
-    return create(RERANKERS, "re-ranker", name, device)
+    return create(REGISTRY, "re-ranker", name, device)

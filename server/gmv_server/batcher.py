@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from gmv_engine.pipeline import Attribution
+from gmv_engine.credit import Attribution
 
 from .logs import generation_id, generation_ids
 from .metrics import ServerMetrics
@@ -36,7 +36,9 @@ class ShuttingDownError(Exception):
     """The server is stopping and will not run this request."""
 
 
-RunBatch = Callable[[Sequence[Image.Image], Sequence[int]], list[Attribution]]
+# (items, top_ks) -> one result per item; an item is whatever the caller submitted (the
+# attribution service submits (collection's attributor, image) pairs).
+RunBatch = Callable[[Sequence[object], Sequence[int]], list[Attribution]]
 
 
 @dataclass
@@ -118,7 +120,6 @@ class DynamicBatcher:
                 generation_ids.reset(ids)
             self.metrics.batch_executions.inc()
             self.metrics.batch_size.observe(len(live))
-            self.metrics.generations.inc(len(live))
             self.metrics.compute_seconds.observe(time.perf_counter() - started)
             for pending, result in zip(live, results):
                 if not pending.future.done():

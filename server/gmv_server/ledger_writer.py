@@ -37,19 +37,20 @@ class LedgerWriter:
             try:
                 outcomes = await asyncio.to_thread(self.ledger.record_many, [record for record, _ in group])
             except Exception as exc:  # noqa: BLE001 - nothing of the group was kept; each caller hears why
-                self.metrics.ledger_writes.labels("error").inc(len(group))
+                for record, _ in group:
+                    self.metrics.ledger_writes.labels("error", record.collection).inc()
                 for _, future in group:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             self.metrics.stage_seconds.labels("ledger_write").observe(time.perf_counter() - started)
-            for (_, future), outcome in zip(group, outcomes):
+            for (record, future), outcome in zip(group, outcomes):
                 if isinstance(outcome, GMVError):
                     self.metrics.ledger_writes.labels("conflict" if isinstance(outcome, GenerationConflictError)
-                                                      else "error").inc()
+                                                      else "error", record.collection).inc()
                     if not future.done():
                         future.set_exception(outcome)
                     continue
-                self.metrics.ledger_writes.labels("recorded" if outcome[1] else "replayed").inc()
+                self.metrics.ledger_writes.labels("recorded" if outcome[1] else "replayed", record.collection).inc()
                 if not future.done():
                     future.set_result(outcome)

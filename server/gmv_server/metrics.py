@@ -36,16 +36,18 @@ class ServerMetrics:
     def __init__(self, methods: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gmv_requests", "RPCs finished, by method and gRPC status code",
-                                ["method", "code"], registry=r)
-        for method in methods:  # exported at 0 from the start, so rate() has a series to work on
-            self.requests.labels(method, "OK")
+        self.methods = tuple(methods)
+        # Request-level metrics carry `collection`: the served collection a request named ("" when
+        # it named none or an unknown one, so callers cannot mint series).
+        self.requests = Counter("gmv_requests", "RPCs finished, by method, gRPC status code and collection",
+                                ["method", "code", "collection"], registry=r)
         self.generation_seconds = Histogram(
             "gmv_generation_duration_seconds",
             "Server-side end-to-end seconds of one generation attributed: from its request's arrival "
             "to its result being ready to send (decode, queue, batch, ledger write)",
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.generations = Counter("gmv_generations_attributed", "Generated images attributed", registry=r)
+            ["collection"], buckets=LATENCY_BUCKETS, registry=r)
+        self.generations = Counter("gmv_generations_attributed", "Generated images attributed (computed, not "
+                                   "replayed), by collection", ["collection"], registry=r)
         self.batch_executions = Counter("gmv_batch_executions", "Model batches run by the dynamic batcher", registry=r)
         self.batch_size = Histogram("gmv_batch_size", "Generated images per model batch", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("gmv_queue_depth", "Requests waiting in the batcher's queue", registry=r)
@@ -61,9 +63,8 @@ class ServerMetrics:
             self.stage_seconds.labels(stage=stage)
         self.queue_seconds = self.stage_seconds.labels(stage="queue")
         self.ledger_writes = Counter("gmv_ledger_writes", "Ledger write attempts by outcome "
-                                     "(recorded, replayed, conflict, error)", ["outcome"], registry=r)
-        for outcome in LEDGER_OUTCOMES:
-            self.ledger_writes.labels(outcome=outcome)
+                                     "(recorded, replayed, conflict, error) and collection",
+                                     ["outcome", "collection"], registry=r)
         self.deadline_drops = Counter("gmv_deadline_dropped", "Requests dropped unrun because their deadline passed",
                                       registry=r)
         self.milvus_seconds = Histogram("gmv_milvus_request_duration_seconds",
@@ -76,8 +77,19 @@ class ServerMetrics:
             self.milvus_errors.labels(operation=operation)
         self.milvus_up = Gauge("gmv_milvus_up", "1 when the last Milvus call or probe succeeded, "
                                "0 when Milvus could not be reached", registry=r)
-        self.build_info = Info("gmv_build", "The running server: version, collection, profile, encoder, "
-                               "re-ranker, quality metric and torch device", registry=r)
+        self.build_info = Info("gmv_build", "The running server: version, collections, profiles, encoders, "
+                               "re-rankers, quality metrics (comma-separated, in the order served) and torch device",
+                               registry=r)
+
+    def export_collections(self, collections: Iterable[str]) -> None:
+        """Series at 0 from the start for every served collection, so rate() has one to work on."""
+        for collection in collections:
+            for method in self.methods:
+                self.requests.labels(method, "OK", collection)
+            self.generations.labels(collection=collection)
+            self.generation_seconds.labels(collection=collection)
+            for outcome in LEDGER_OUTCOMES:
+                self.ledger_writes.labels(outcome=outcome, collection=collection)
 
     def observe_stages(self, seconds: Mapping[str, float]) -> None:
         """The Attributor's per-batch observer: one observation per stage it ran."""

@@ -22,18 +22,20 @@ LEDGER_STATE_REPLAYED: LedgerState
 LEDGER_STATE_NOT_RECORDED: LedgerState
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("generation_id", "image", "top_k", "tenant_id", "skip_ledger")
+    __slots__ = ("generation_id", "image", "top_k", "tenant_id", "skip_ledger", "collection")
     GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SKIP_LEDGER_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     generation_id: str
     image: bytes
     top_k: int
     tenant_id: str
     skip_ledger: bool
-    def __init__(self, generation_id: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., tenant_id: _Optional[str] = ..., skip_ledger: _Optional[bool] = ...) -> None: ...
+    collection: str
+    def __init__(self, generation_id: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., tenant_id: _Optional[str] = ..., skip_ledger: _Optional[bool] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("generation_id", "rank", "training_id", "contributor_id", "credit", "distance", "quality")
@@ -76,8 +78,20 @@ class AttributionResult(_message.Message):
     def __init__(self, generation_id: _Optional[str] = ..., quality: _Optional[float] = ..., credits: _Optional[_Iterable[_Union[Credit, _Mapping]]] = ..., contributors: _Optional[_Iterable[_Union[ContributorCredit, _Mapping]]] = ..., ledger: _Optional[_Union[LedgerState, str]] = ...) -> None: ...
 
 class GetIndexInfoRequest(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
+
+class ListCollectionsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListCollectionsResponse(_message.Message):
+    __slots__ = ("collections",)
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    collections: _containers.RepeatedCompositeFieldContainer[IndexInfo]
+    def __init__(self, collections: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("collection", "profile", "encoder", "encoder_dim", "reranker", "feature_dim", "quality", "row_count", "index_type", "index_params", "search_params")

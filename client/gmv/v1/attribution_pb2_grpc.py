@@ -49,6 +49,11 @@ class AttributionServiceStub:
                 request_serializer=gmv_dot_v1_dot_attribution__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=gmv_dot_v1_dot_attribution__pb2.IndexInfo.FromString,
                 _registered_method=True)
+        self.ListCollections = channel.unary_unary(
+                '/gmv.v1.AttributionService/ListCollections',
+                request_serializer=gmv_dot_v1_dot_attribution__pb2.ListCollectionsRequest.SerializeToString,
+                response_deserializer=gmv_dot_v1_dot_attribution__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
         self.GetValuation = channel.unary_unary(
                 '/gmv.v1.AttributionService/GetValuation',
                 request_serializer=gmv_dot_v1_dot_attribution__pb2.GetValuationRequest.SerializeToString,
@@ -81,7 +86,14 @@ class AttributionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetIndexInfo(self, request, context):
-        """What the server attributes against: collection, profile, encoder, dims, rows, index.
+        """What one served collection is: profile, encoder, dims, rows, index, search settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCollections(self, request, context):
+        """Every collection this server serves, with its IndexInfo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +131,11 @@ def add_AttributionServiceServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=gmv_dot_v1_dot_attribution__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=gmv_dot_v1_dot_attribution__pb2.IndexInfo.SerializeToString,
+            ),
+            'ListCollections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollections,
+                    request_deserializer=gmv_dot_v1_dot_attribution__pb2.ListCollectionsRequest.FromString,
+                    response_serializer=gmv_dot_v1_dot_attribution__pb2.ListCollectionsResponse.SerializeToString,
             ),
             'GetValuation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetValuation,
@@ -212,6 +229,33 @@ class AttributionService:
             '/gmv.v1.AttributionService/GetIndexInfo',
             gmv_dot_v1_dot_attribution__pb2.GetIndexInfoRequest.SerializeToString,
             gmv_dot_v1_dot_attribution__pb2.IndexInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gmv.v1.AttributionService/ListCollections',
+            gmv_dot_v1_dot_attribution__pb2.ListCollectionsRequest.SerializeToString,
+            gmv_dot_v1_dot_attribution__pb2.ListCollectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

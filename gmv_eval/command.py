@@ -4,12 +4,15 @@ For each pipeline variant (re-ranker none / l2 / lpips / dreamsim, whose weights
 recall over IVF_PQ or exact FLAT search) it builds the training collection on Milvus, starts
 `gmv serve` on it as a subprocess, and attributes the generated images through the client
 SDK, as a model-serving stack would. The criteria are computed from the credits the server
-streams back (gmv_engine/evaluation/criteria.py); C4's per-stage split comes from the same
-pipeline run in-process (StageTimes), since the server reports no per-request stage times.
-The report (Markdown, PNG plots, results.json) is written by gmv_engine/evaluation/report.py.
+streams back (criteria.py); C4's per-stage split comes from the same pipeline run
+in-process (StageTimes), since the server reports no per-request stage times. The report
+(Markdown, PNG plots, results.json) is written by report.py.
 
 `--demo` makes the real-data run of `make eval`: scikit-learn's digits, a class-conditional
 VAE trained on them for the generated images, and a noise-corrupted copy for C3.
+
+The CLI calls `register(commands)` to add the `eval` sub-command and `run(args)` to run it.
+Registering imports nothing heavy; `run` needs the `eval` extra (matplotlib, scikit-learn).
 """
 from __future__ import annotations
 
@@ -27,13 +30,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from gmv_engine.errors import GMVError
+from gmv_engine.settings import DEFAULTS, Settings, add_config_flag, add_flags, from_args
+
 log = logging.getLogger("gmv.eval")
 
 CRITERIA = ("c1", "c2", "c3", "c4")
 RERANKERS = ("none", "l2", "lpips", "dreamsim")
 RECALLS = ("IVF_PQ", "FLAT")
 EXIT_OK, EXIT_FAILED = 0, 2
-TEMPERATURE = 1.0  # T in exp(-d/T): the paper's value function
+TEMPERATURE = DEFAULTS.temperature  # T in exp(-d/T): the paper's value function (T = 1)
+# Its own Milvus folder and a free port, so an eval never collides with `gmv demo` or a serve.
+EVAL_DATA_DIR = ".gmv/eval"
+EXTRA_HINT = "pip install -e '.[eval]'"
 
 
 def _csv_list(cast=str):
@@ -45,9 +54,9 @@ def _csv_list(cast=str):
     return parse
 
 
-def add_parser(commands, add_milvus_options: Callable, add_model_options: Callable) -> None:
-    """Register `gmv eval` (called by cli.build_parser)."""
-    parser = commands.add_parser(
+def register(subparsers) -> None:
+    """Add the `eval` sub-command to `subparsers` (the CLI's add_subparsers()); `run` runs it."""
+    parser = subparsers.add_parser(
         "eval", help="the paper's criteria C1-C4 over your data, through the server, with a report",
         description="Evaluate attribution with the GMValuator paper's criteria: C1 identical class, C2 identical "
                     "attributes, C3 data cleansing, C4 efficiency. Compares re-rankers and IVF_PQ vs exact search.")
@@ -70,25 +79,57 @@ def add_parser(commands, add_milvus_options: Callable, add_model_options: Callab
     data.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("evaluation")
     run.add_argument("--k", type=_csv_list(int), default=[5, 10, 30, 50], help="C1/C2 top-k list (default 5,10,30,50)")
-    run.add_argument("--top-k", type=int, default=10, help="credits kept per generation for C3 values and C4 (default 10)")
+    run.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+                     help=f"credits kept per generation for C3 values and C4 (default {DEFAULTS.top_k})")
     run.add_argument("--rerankers", type=_csv_list(), default=list(RERANKERS),
                      help="re-rank variants (default none,l2,lpips,dreamsim; those without weights are skipped)")
     run.add_argument("--recall", type=_csv_list(str.upper), default=list(RECALLS), help="IVF_PQ,FLAT (default both)")
-    run.add_argument("--profile", default="auto", choices=["auto", "paper", "offline"],
+    # dest eval_profile: "auto" is not a registered profile, so it stays out of the settings.
+    run.add_argument("--profile", dest="eval_profile", default="auto", choices=["auto", "paper", "offline"],
                      help="recall encoder and quality metric: auto = paper when its weights are present")
     run.add_argument("--quality", help="quality metric for q_j (default: the profile's)")
-    run.add_argument("--recall-k", type=int, default=100, help="K' candidates recalled (default 100)")
-    run.add_argument("--nprobe", type=int, default=32, help="IVF lists searched (default 32)")
+    run.add_argument("--recall-k", type=int, default=DEFAULTS.recall_k,
+                     help=f"K' candidates recalled (default {DEFAULTS.recall_k})")
+    run.add_argument("--nprobe", type=int, default=DEFAULTS.nprobe,
+                     help=f"IVF lists searched (default {DEFAULTS.nprobe})")
     run.add_argument("--c4-samples", type=int, default=100, help="generations timed one at a time (default 100)")
     run.add_argument("--bottom-fraction", type=float, default=0.1, help="C3: the bottom share of the ranking (0.1)")
-    run.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="the server's batching delay (default 5)")
+    run.add_argument("--max-queue-delay-ms", type=float, default=DEFAULTS.max_queue_delay_ms,
+                     help=f"the server's batching delay (default {DEFAULTS.max_queue_delay_ms:g})")
     run.add_argument("--out", default="eval-report", help="report folder (default eval-report)")
     run.add_argument("--workdir", help="demo data and server logs (default DATA_DIR/work)")
-    add_milvus_options(parser)
-    add_model_options(parser)
-    # Its own Milvus folder and a free port, so an eval never collides with `gmv demo` or a serve.
-    parser.set_defaults(data_dir=os.environ.get("GMV_DATA_DIR", ".gmv/eval"),
-                        milvus_port=int(os.environ.get("GMV_MILVUS_PORT", 0)))
+    add_config_flag(parser)
+    add_flags(parser, groups=("milvus", "models"))
+    # The flags stay None when not given (so a config file or GMV_* variable still counts);
+    # `_settings` supplies the eval's own folder and a free port when no source names one.
+    for action in parser._actions:
+        if action.dest == "data_dir":
+            action.help = (f"where the eval's embedded Milvus keeps its data (default {EVAL_DATA_DIR}, so an eval "
+                           "never touches the collections of `gmv demo` or a serve; env GMV_DATA_DIR)")
+        elif action.dest == "milvus_port":
+            action.help = "port of the embedded Milvus' proxy (default: a free port; env GMV_MILVUS_PORT)"
+
+
+def _settings(args) -> Settings:
+    """The Milvus and model settings: --config, GMV_* variables, then flags, except that with
+    none of them naming a data dir or Milvus port the eval uses EVAL_DATA_DIR and a free port."""
+    settings = from_args(args)
+    if args.data_dir is None and settings.data_dir == DEFAULTS.data_dir:
+        settings = settings.with_(data_dir=EVAL_DATA_DIR)
+    if args.milvus_port is None and settings.milvus_port == DEFAULTS.milvus_port:
+        settings = settings.with_(milvus_port=0)
+    return settings
+
+
+def _require_extra(demo: bool) -> None:
+    """The report's plots need matplotlib and the demo's data scikit-learn: say so up front,
+    before Milvus starts or anything is built."""
+    import importlib.util
+
+    needed = [("matplotlib", "matplotlib")] + ([("sklearn", "scikit-learn")] if demo else [])
+    missing = [name for module, name in needed if importlib.util.find_spec(module) is None]
+    if missing:
+        raise GMVError(f"gmv eval needs {' and '.join(missing)} (the eval extra): {EXTRA_HINT}")
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -178,9 +219,9 @@ def available_rerankers(names, device: str, create: Callable | None = None) -> t
 def _resolve_profile(requested: str, device: str, quality_override: str | None):
     """(profile, encoder, quality scorer, note): `auto` takes the paper profile only when its
     encoder and quality weights load, and says why not otherwise."""
-    from gmv_engine.config import get_profile
     from gmv_engine.encoders import create_encoder
     from gmv_engine.errors import MissingWeightsError
+    from gmv_engine.profiles import get_profile
     from gmv_engine.quality import create_quality
 
     note = ""
@@ -201,20 +242,25 @@ def _resolve_profile(requested: str, device: str, quality_override: str | None):
 # -- the server ---------------------------------------------------------------------------------
 @contextlib.contextmanager
 def served(milvus_uri: str, collection: str, reranker: str, settings: dict, device: str, data_dir: Path,
-           log_path: Path) -> Iterator[object]:
+           log_path: Path, milvus_token: str = "", model_dir: str = "") -> Iterator[object]:
     """`gmv serve` on `collection` as a subprocess; yields a ready GMVClient, then SIGTERMs it."""
     from gmv_client import GMVClient
-    from gmv_engine.embedded_milvus import free_port
+    from gmv_engine.milvus.embedded import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--host", "127.0.0.1",
                "--port", str(port), "--milvus-uri", milvus_uri, "--device", device, "--reranker", reranker,
                "--data-dir", str(data_dir)]
+    if model_dir:
+        command += ["--model-dir", model_dir]
     for flag, value in settings.items():
         command += [f"--{flag.replace('_', '-')}", str(value)]
+    env = dict(os.environ)
+    if milvus_token:  # a secret: by the environment, not on a command line `ps` shows
+        env["GMV_MILVUS_TOKEN"] = milvus_token
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
         client = GMVClient(f"127.0.0.1:{port}", timeout_s=900.0)
         try:
@@ -267,12 +313,13 @@ def one_at_a_time(client, generations: list[Generation], top_k: int) -> list[flo
     return latencies
 
 
-def stage_times(index, collection: str, settings, generations: list[Generation], encoder, reranker,
-                quality) -> list[dict[str, float]]:
+def stage_times(index, collection: str, settings: Settings, generations: list[Generation], encoder, reranker,
+                quality, device: str = "cpu") -> list[dict[str, float]]:
     """The same pipeline in-process, one generation per call: seconds per stage of each call."""
     from gmv_engine.pipeline import Attributor
 
-    attributor = Attributor(index, collection, settings, encoder=encoder, reranker=reranker, quality=quality)
+    attributor = Attributor(index, collection, settings, device=device, encoder=encoder, reranker=reranker,
+                            quality=quality)
     attributor.attribute_bytes([generations[0].image])  # warm-up, as the server's
     per_call = []
     for g in generations:
@@ -316,7 +363,7 @@ def _inputs(args, results: dict, workdir: Path) -> Inputs:
     skipped = results["skipped_criteria"]
     demo = None
     if args.demo:
-        from gmv_engine.evaluation.digits_data import make_digits_eval_data
+        from .digits_data import make_digits_eval_data
 
         start = time.perf_counter()
         demo = make_digits_eval_data(workdir / "data", per_class=args.per_class, corrupt_fraction=args.corrupt_fraction,
@@ -381,27 +428,33 @@ def _inputs(args, results: dict, workdir: Path) -> Inputs:
 
 
 def run(args) -> int:
-    from gmv_engine.embedded_milvus import free_port, open_index
-    from gmv_engine.evaluation import criteria as C
-    from gmv_engine.evaluation.report import image_grid, write_report
-    from gmv_engine.models import pick_device
-
-    started = time.perf_counter()
-    out = Path(args.out)
-    workdir = Path(args.workdir or Path(args.data_dir) / "work")
-    device = pick_device(args.device)
+    """`gmv eval`, parsed by the parser `register` added: 0 when the report is written."""
     unknown = [r for r in args.recall if r not in RECALLS]
     if unknown:
         raise ValueError(f"unknown recall '{unknown[0]}'; choose from {', '.join(RECALLS)}")
     ks = sorted(set(args.k))
     if min(ks) < 1 or max(ks) > args.recall_k or not 1 <= args.top_k <= args.recall_k:
         raise ValueError(f"every k and --top-k must lie between 1 and --recall-k={args.recall_k}")
+    settings = _settings(args)
+    _require_extra(args.demo)
+
+    from gmv_engine.milvus.embedded import free_port, open_index
+    from gmv_engine.models import pick_device
+
+    from . import criteria as C
+    from .report import image_grid, write_report
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    data_dir = Path(settings.data_dir)
+    workdir = Path(args.workdir) if args.workdir else data_dir / "work"
+    device = pick_device(settings.device)
     results: dict = {"command": "gmv " + " ".join(sys.argv[1:]), "skipped_criteria": {}, "data": {},
                      "c1": {}, "c2": {}, "c3": {}, "c4": {}, "chance": {}, "ingest": {}, "recall_overlap": {}}
     inputs = _inputs(args, results, workdir)
     results["criteria"], results["attributes"] = inputs.criteria, inputs.attributes
 
-    profile, encoder, quality, profile_note = _resolve_profile(args.profile, device, args.quality)
+    profile, encoder, quality, profile_note = _resolve_profile(args.eval_profile, device, args.quality)
     rerankers, skipped = available_rerankers(args.rerankers, device)
     for name, reason in skipped.items():
         log.warning("re-ranker %s skipped: %s", name, reason)
@@ -431,7 +484,8 @@ def run(args) -> int:
                        "temperature": TEMPERATURE, "max_queue_delay_ms": args.max_queue_delay_ms}
     wanted = inputs.criteria
 
-    with open_index(args.milvus_uri, args.data_dir, args.milvus_port or free_port(), args.milvus_token) as index:
+    with open_index(settings.milvus_uri, data_dir, settings.milvus_port or free_port(), settings.milvus_token,
+                    timeout_s=settings.milvus_timeout_s) as index:
         collections = {
             (dataset.key, name, recall): _build(index, results, dataset, recall, rerankers[name], profile.name, encoder)
             for dataset, _ in inputs.groups for recall in args.recall
@@ -443,8 +497,9 @@ def run(args) -> int:
             for dataset, keys in inputs.groups:
                 collection = collections[(dataset.key, stored, variant.recall)]
                 log.info("variant %s on %s: starting gmv serve", variant.name, collection)
-                with served(index.uri, collection, variant.reranker, server_settings, device, Path(args.data_dir),
-                            workdir / "logs" / f"serve-{collection}-{variant.reranker}.log") as client:
+                with served(index.uri, collection, variant.reranker, server_settings, device, data_dir,
+                            workdir / "logs" / f"serve-{collection}-{variant.reranker}.log",
+                            milvus_token=settings.milvus_token, model_dir=settings.model_dir) as client:
                     if "main" in keys and "c4" in wanted:
                         timed = dataset.generations[:c4_samples]
                         latencies = one_at_a_time(client, timed, args.top_k)
@@ -465,7 +520,7 @@ def run(args) -> int:
                     # The server's stage split is not reachable per request: the same pipeline
                     # in-process, on the same collection and generations, gives it.
                     stages = stage_times(index, collection, _pipeline_settings(args, variant, quality.name), timed,
-                                         encoder, rerankers[variant.reranker], quality)
+                                         encoder, rerankers[variant.reranker], quality, device=device)
                     results["c4"][variant.name] = asdict(C.efficiency(latencies, stages, stream_s, len(timed)))
         for name in sorted({v.reranker for v in variants}):
             pq, flat = Variant(name, "IVF_PQ"), Variant(name, "FLAT")
@@ -485,16 +540,14 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def _pipeline_settings(args, variant: Variant, quality: str):
-    from gmv_engine.config import PipelineSettings
-
-    return PipelineSettings(recall_k=args.recall_k, top_k=args.top_k, nprobe=args.nprobe, temperature=TEMPERATURE,
-                            reranker=variant.reranker, quality=quality)
+def _pipeline_settings(args, variant: Variant, quality: str) -> Settings:
+    return Settings(recall_k=args.recall_k, top_k=args.top_k, nprobe=args.nprobe, temperature=TEMPERATURE,
+                    reranker=variant.reranker, quality=quality)
 
 
 def _build(index, results: dict, dataset: DataSet, recall: str, reranker, profile: str, encoder) -> str:
     """A fresh collection of `dataset` for `recall` and `reranker`'s stored features."""
-    from gmv_engine.index import CollectionInfo, IndexParams
+    from gmv_engine.milvus.index import CollectionInfo, IndexParams
     from gmv_engine.ingest import ingest
 
     name = f"gmv_eval_{dataset.key}_{reranker.name}_{recall.lower()}"
@@ -512,7 +565,7 @@ def _build(index, results: dict, dataset: DataSet, recall: str, reranker, profil
 
 
 def _score_labels(results, variant, dataset, ranked, ks, wanted, class_column, attributes) -> None:
-    from gmv_engine.evaluation import criteria as C
+    from . import criteria as C
 
     def labels_of(column: str):
         ranked_labels = [[dataset.training[t].get(column) or None for t in ids] for ids in ranked]

@@ -12,14 +12,15 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gmv_engine.ledger import CREDIT_COLUMNS, Window, default_ledger_url, open_ledger
+from gmv_engine.ledger import CREDIT_COLUMNS, Window, open_ledger
+from gmv_engine.settings import add_config_flag, add_flags, from_args
 
 
 FLOAT_COLUMNS = {"value", "share", "payout", "quality", "credit", "distance"}
 INT_COLUMNS = {"generations", "training_images", "rank"}
 
 
-def add_ledger_parser(commands) -> None:
+def register(commands) -> None:
     ledger = commands.add_parser("ledger", help="data values and payout exports from the royalty ledger")
     sub = ledger.add_subparsers(dest="ledger_command", required=True)
     value = sub.add_parser("value", help="phi_i per training image (sum of its credits), largest first")
@@ -33,10 +34,8 @@ def add_ledger_parser(commands) -> None:
                         help="one row per contributor (default), per training image, or per credit line item")
     export.add_argument("--pool", type=float, help="royalty pool to split: adds payout = pool * value / total value")
     for parser in (value, top, export):
-        parser.add_argument("--ledger-url", default=os.environ.get("GMV_LEDGER_URL"),
-                            help="postgresql://... or a SQLite file (default DATA_DIR/ledger.sqlite3; env GMV_LEDGER_URL)")
-        parser.add_argument("--data-dir", default=os.environ.get("GMV_DATA_DIR", ".gmv"),
-                            help="where the server keeps its SQLite ledger (default .gmv)")
+        add_config_flag(parser)
+        add_flags(parser, groups=("ledger",), names=("data_dir",))
         parser.add_argument("--since", type=parse_time, help="from this UTC time, inclusive (2026-10-01 or ISO 8601)")
         parser.add_argument("--until", type=parse_time, help="up to this UTC time, exclusive")
         parser.add_argument("--month", type=parse_month, help="a calendar month, e.g. 2026-10 (instead of --since/--until)")
@@ -76,8 +75,8 @@ def window_of(args) -> Window:
     return Window(since, until, args.collection, args.tenant)
 
 
-def run_ledger(args) -> int:
-    url = args.ledger_url or default_ledger_url(args.data_dir)
+def run(args) -> int:
+    url = from_args(args).resolved_ledger_url()
     if "://" not in url and not Path(url).exists():
         raise ValueError(f"no ledger at {url}: run `gmv serve` first, or pass --ledger-url / --data-dir")
     window = window_of(args)

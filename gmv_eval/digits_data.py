@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..datasets import digit_image, export_digits
-from ..ingest import read_manifest
+from gmv_engine.datasets import digit_image, export_digits
+from gmv_engine.ingest import read_manifest
 from .cvae import ConditionalVAE
 
 ATTRIBUTES = ("thickness", "slant")

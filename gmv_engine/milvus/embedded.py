@@ -6,7 +6,7 @@ group (session), and stop the whole group: SIGTERM, a bounded wait, then SIGKILL
 file in the data directory stops two GMV commands from starting two servers on one
 directory (which would corrupt its embedded etcd).
 
-We launch through `python -m gmv_engine.embedded_milvus DIR PORT` rather than the package's
+We launch through `python -m gmv_engine.milvus.embedded DIR PORT` rather than the package's
 `milvus-server`, to pin every Milvus component to 127.0.0.1: left empty, each advertises the
 machine's first non-loopback address, and on machines where that address is firewalled or
 slow the components' dials to each other fail and start-up hangs.
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from .errors import IndexUnavailableError
+from ..errors import IndexUnavailableError
 
 if TYPE_CHECKING:
     from .index import TrainingIndex
@@ -98,7 +98,7 @@ class EmbeddedMilvus:
         )
 
     def _start_once(self, timeout_s: float) -> bool:
-        command = [sys.executable, "-m", "gmv_engine.embedded_milvus", str(self.data_dir), str(self.port)]
+        command = [sys.executable, "-m", "gmv_engine.milvus.embedded", str(self.data_dir), str(self.port)]
         log_path = self.data_dir / "gmv-launcher.log"
         log.info("starting embedded Milvus on port %d with data in %s", self.port, self.data_dir)
         with open(log_path, "ab") as launcher_log:

@@ -1,0 +1,236 @@
+"""Where a request becomes a recorded attribution, whichever door it came in by.
+
+`AttributionService` is transport-free: the gRPC servicer (`grpc_service.py`) and `gmv
+attribute` both call it. For each request it picks the collection, answers a retry of a
+recorded generation from the ledger (replay), decodes the image, hands it to the dynamic
+batcher (which may batch it with other collections' requests where the models are the same),
+records the result in the ledger and only then answers. Several collections are served by one
+service; each model is loaded once (a shared `ModelPool`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from PIL import Image
+
+from gmv_engine.credit import Attribution
+from gmv_engine.decode import decode_image
+from gmv_engine.errors import (
+    CollectionNotFoundError,
+    GenerationConflictError,
+    GMVError,
+    InvalidArgumentError,
+)
+from gmv_engine.ledger import GenerationRecord, Ledger, Window, image_sha256, settings_hash
+from gmv_engine.milvus.index import TrainingIndex
+from gmv_engine.models import ModelPool
+from gmv_engine.pipeline import Attributor, attribute_batch
+from gmv_engine.settings import Settings
+
+from .batcher import DynamicBatcher
+from .ledger_writer import LedgerWriter
+from .metrics import ServerMetrics
+
+log = logging.getLogger("gmv.server.requests")
+
+RECORDED, REPLAYED, NOT_RECORDED = "recorded", "replayed", "not-recorded"
+
+
+class WarmingUpError(GMVError):
+    """The models are still loading (the health service says NOT_SERVING meanwhile)."""
+
+
+@dataclass(frozen=True)
+class AttributionRequest:
+    generation_id: str
+    image: bytes
+    collection: str = ""  # "": the only collection served
+    top_k: int = 0  # 0: the settings' top_k
+    tenant_id: str = ""
+    record: bool = True
+    deadline: float | None = None  # time.monotonic() seconds
+
+
+@dataclass(frozen=True)
+class AttributionOutcome:
+    collection: str
+    attribution: Attribution
+    ledger: str  # RECORDED, REPLAYED or NOT_RECORDED
+
+
+@dataclass(frozen=True)
+class CollectionDescription:
+    """What a collection is and how it is searched (GetIndexInfo, ListCollections)."""
+
+    collection: str
+    profile: str
+    encoder: str
+    encoder_dim: int
+    reranker: str
+    feature_dim: int
+    quality: str
+    row_count: int
+    index_type: str
+    index_params: dict[str, str] = field(default_factory=dict)
+    search_params: dict[str, str] = field(default_factory=dict)
+
+
+class AttributionService:
+    def __init__(self, settings: Settings, ledger: Ledger | None, metrics: ServerMetrics | None = None):
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics or ServerMetrics()
+        self.ledger_writer = LedgerWriter(ledger, self.metrics) if ledger is not None else None
+        self.attributors: dict[str, Attributor] = {}
+        self.descriptions: dict[str, CollectionDescription] = {}
+        self.batcher: DynamicBatcher | None = None
+        self.models: ModelPool | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self, index: TrainingIndex, collections: Sequence[str], device: str, warm: bool = True) -> None:
+        """Load every collection's models (each model once), run one warm-up image through
+        each, and start the batcher. Until this returns, requests get WarmingUpError."""
+        if not collections:
+            raise InvalidArgumentError("no collection to serve")
+        self.models = ModelPool(device)
+        attributors = {}
+        for name in dict.fromkeys(collections):
+            attributors[name] = await asyncio.to_thread(
+                Attributor, index, name, self.settings, device=device, models=self.models)
+        if warm:
+            warm_image = Image.new("RGB", (64, 64), (127, 127, 127))
+            for attributor in attributors.values():
+                await asyncio.to_thread(attributor.attribute, [warm_image])
+        self.descriptions = {name: describe(index, a) for name, a in attributors.items()}
+        self.batcher = DynamicBatcher(self._run_batch, self.metrics, self.settings.max_batch_size,
+                                      self.settings.max_queue_delay_ms / 1000.0, self.settings.max_queue_size)
+        self.batcher.start()
+        self.attributors = attributors
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def _run_batch(self, items: Sequence[tuple[Attributor, Image.Image]], top_ks: Sequence[int]) -> list[Attribution]:
+        return attribute_batch([a for a, _ in items], [image for _, image in items], top_ks,
+                               on_batch=self.metrics.observe_stages)
+
+    # -- collections ----------------------------------------------------------------------
+    def resolve(self, collection: str) -> str:
+        """The collection a request means: its own, or the only one served."""
+        if not self.attributors:
+            raise WarmingUpError("the server is loading its models; retry shortly")
+        if not collection:
+            if len(self.attributors) == 1:
+                return next(iter(self.attributors))
+            raise InvalidArgumentError(
+                f"this server serves {len(self.attributors)} collections ({', '.join(self.attributors)}); "
+                "name one in the request's collection field")
+        if collection not in self.attributors:
+            raise CollectionNotFoundError(
+                f"collection '{collection}' is not served here; served: {', '.join(self.attributors)}")
+        return collection
+
+    def served_label(self, collection: str) -> str:
+        """A metric label: the collection when it is served, else "" (no label per unknown name)."""
+        if not collection and len(self.attributors) == 1:
+            return next(iter(self.attributors))
+        return collection if collection in self.attributors else ""
+
+    def describe(self, collection: str = "") -> CollectionDescription:
+        return self.descriptions[self.resolve(collection)]
+
+    def list_collections(self) -> list[CollectionDescription]:
+        if not self.attributors:
+            raise WarmingUpError("the server is loading its models; retry shortly")
+        return list(self.descriptions.values())
+
+    # -- attribution ----------------------------------------------------------------------
+    async def attribute(self, request: AttributionRequest) -> AttributionOutcome:
+        """The generation's attribution and what the ledger did with it. With recording on, the
+        credits returned are the ledger's: committed before anything goes back to the caller."""
+        started = time.perf_counter()
+        collection = self.resolve(request.collection)
+        attributor = self.attributors[collection]
+        if not request.generation_id:
+            raise InvalidArgumentError("generation_id is required")
+        top_k = request.top_k or self.settings.top_k
+        attributor.check_top_k(top_k, 1)
+        record = request.record and self.ledger is not None
+        image_hash = image_sha256(request.image)
+        if record:
+            # A retry of a recorded generation is answered from the ledger, not recomputed.
+            earlier = await asyncio.to_thread(self.ledger.get, request.generation_id)
+            if earlier is not None:
+                return self._finish(collection, started, self._replay(request, image_hash, earlier), REPLAYED)
+        decode_started = time.perf_counter()
+        image = await asyncio.to_thread(decode_image, request.image, attributor.limits)
+        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - decode_started)
+        result = await self.batcher.submit((attributor, image), top_k, request.deadline)
+        self.metrics.generations.labels(collection=collection).inc()
+        if not record:
+            return self._finish(collection, started, result, NOT_RECORDED)
+        settings = {**attributor.components, **self.settings.query_settings(), "top_k": top_k}
+        stored, new = await self.ledger_writer.record(GenerationRecord(
+            generation_id=request.generation_id, tenant_id=request.tenant_id, collection=collection,
+            profile=attributor.info.profile, settings_hash=settings_hash(settings), image_sha256=image_hash,
+            quality=result.quality, settings=settings, credits=result.credits,
+        ))
+        if new:
+            return self._finish(collection, started, result, RECORDED)
+        return self._finish(collection, started, stored.attribution, REPLAYED)  # a concurrent request recorded it first
+
+    def _finish(self, collection: str, started: float, attribution: Attribution, ledger: str) -> AttributionOutcome:
+        elapsed = time.perf_counter() - started
+        self.metrics.generation_seconds.labels(collection=collection).observe(elapsed)
+        log.debug("attributed in %.1f ms (%s)", elapsed * 1000, ledger)
+        return AttributionOutcome(collection, attribution, ledger)
+
+    def _replay(self, request: AttributionRequest, image_hash: str, earlier: GenerationRecord) -> Attribution:
+        if earlier.image_sha256 != image_hash:
+            self.metrics.ledger_writes.labels(outcome="conflict", collection=earlier.collection).inc()
+            raise GenerationConflictError(
+                f"generation '{request.generation_id}' was already recorded with a different image; "
+                "a generation_id must be unique per generated image")
+        self.metrics.ledger_writes.labels(outcome="replayed", collection=earlier.collection).inc()
+        return earlier.attribution
+
+    # -- the ledger's totals ----------------------------------------------------------------
+    def window(self, since: float | None, until: float | None, collection: str, tenant_id: str) -> Window:
+        """A ledger window. An empty collection is the only one served, or every collection when
+        several are served (a finance team's totals span models)."""
+        if since is not None and until is not None and until <= since:
+            raise InvalidArgumentError("until must be after since")
+        if not collection and len(self.attributors) == 1:
+            collection = next(iter(self.attributors))
+        return Window(since, until, collection or None, tenant_id or None)
+
+    def _require_ledger(self) -> Ledger:
+        if self.ledger is None:
+            raise InvalidArgumentError("this service records nothing, so it has no ledger to query")
+        return self.ledger
+
+    async def valuation(self, window: Window, limit: int | None, training_ids: list[str] | None):
+        ledger = self._require_ledger()
+        values = await asyncio.to_thread(ledger.values, window, limit, training_ids)
+        return values, *(await asyncio.to_thread(ledger.totals, window))
+
+    async def top_contributors(self, window: Window, limit: int):
+        ledger = self._require_ledger()
+        contributors = await asyncio.to_thread(ledger.contributors, window, limit)
+        return contributors, *(await asyncio.to_thread(ledger.totals, window))
+
+
+def describe(index: TrainingIndex, attributor: Attributor) -> CollectionDescription:
+    info, state = attributor.info, index.index_state(attributor.collection)
+    return CollectionDescription(
+        collection=attributor.collection, profile=info.profile, encoder=info.encoder, encoder_dim=info.encoder_dim,
+        reranker=attributor.reranker.name, feature_dim=info.feature_dim, quality=attributor.quality.name,
+        row_count=state["total_rows"], index_type=state["index_type"] or "",
+        index_params={k: str(v) for k, v in state["params"].items()},
+        search_params={k: str(v) for k, v in attributor.settings.query_settings().items()},
+    )

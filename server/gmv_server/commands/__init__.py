@@ -1,0 +1,11 @@
+"""The `gmv` commands: one small module each, with `register(subparsers)` and `run(args)`.
+COMMANDS is the table `gmv_server.cli` builds its parser and dispatch from."""
+COMMANDS = {
+    "index": "gmv_server.commands.index",
+    "attribute": "gmv_server.commands.attribute",
+    "serve": "gmv_server.commands.serve",
+    "ledger": "gmv_server.commands.ledger",
+    "models": "gmv_server.commands.models",
+    "demo": "gmv_server.commands.demo",
+    "eval": "gmv_eval.command",
+}

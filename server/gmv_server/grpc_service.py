@@ -1,0 +1,228 @@
+"""gmv.v1.AttributionService over gRPC: converts messages to the attribution service's types
+and back, and its errors to the status codes the .proto documents. No attribution logic
+lives here (see attribution_service.py)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from gmv.v1 import attribution_pb2 as pb
+from gmv.v1 import attribution_pb2_grpc as pb_grpc
+from gmv_engine.credit import Attribution
+from gmv_engine.errors import (
+    CollectionNotFoundError,
+    GenerationConflictError,
+    IncompatibleCollectionError,
+    IndexUnavailableError,
+    InvalidArgumentError,
+    InvalidImageError,
+    LedgerUnavailableError,
+    MissingWeightsError,
+)
+
+from .attribution_service import (
+    NOT_RECORDED,
+    RECORDED,
+    REPLAYED,
+    AttributionOutcome,
+    AttributionRequest,
+    AttributionService,
+    CollectionDescription,
+    WarmingUpError,
+)
+from .batcher import DeadlinePassedError, QueueFullError, ShuttingDownError
+from .logs import generation_id as current_generation_id
+
+log = logging.getLogger("gmv.server.requests")
+
+# The one mapping from errors to gRPC status codes.
+STATUS_OF = [
+    ((InvalidImageError, InvalidArgumentError), grpc.StatusCode.INVALID_ARGUMENT),
+    ((CollectionNotFoundError,), grpc.StatusCode.NOT_FOUND),
+    ((GenerationConflictError,), grpc.StatusCode.ALREADY_EXISTS),
+    ((IncompatibleCollectionError, MissingWeightsError), grpc.StatusCode.FAILED_PRECONDITION),
+    ((QueueFullError,), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ((DeadlinePassedError,), grpc.StatusCode.DEADLINE_EXCEEDED),
+    ((IndexUnavailableError, LedgerUnavailableError, ShuttingDownError, WarmingUpError), grpc.StatusCode.UNAVAILABLE),
+]
+LEDGER_METADATA_KEY = "gmv-ledger"
+LEDGER_STATES = {RECORDED: pb.LEDGER_STATE_RECORDED, REPLAYED: pb.LEDGER_STATE_REPLAYED,
+                 NOT_RECORDED: pb.LEDGER_STATE_NOT_RECORDED}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for types, code in STATUS_OF:
+        if isinstance(exc, types):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
+    """Registered before the server starts (grpc.aio needs that); the attribution service
+    answers UNAVAILABLE until its models are warm."""
+
+    def __init__(self, service: AttributionService):
+        self.service = service
+        self.metrics = service.metrics
+
+    def _request(self, message: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> AttributionRequest:
+        remaining = context.time_remaining()
+        return AttributionRequest(
+            generation_id=message.generation_id, image=message.image, collection=message.collection,
+            top_k=message.top_k, tenant_id=message.tenant_id, record=not message.skip_ledger,
+            deadline=time.monotonic() + remaining if remaining is not None else None)
+
+    async def _attribute(self, message: pb.AttributeRequest, context) -> AttributionOutcome:
+        current_generation_id.set(message.generation_id)  # the calling task's context: _fail's lines too
+        return await self.service.attribute(self._request(message, context))
+
+    def _count(self, method: str, code: grpc.StatusCode, collection: str) -> None:
+        self.metrics.requests.labels(method, code.name, self.service.served_label(collection)).inc()
+
+    async def _fail(self, method: str, context: grpc.aio.ServicerContext, exc: Exception, collection: str = "",
+                    generation_id: str = ""):
+        code = status_for(exc)
+        self._count(method, code, collection)
+        # Server-side failures are the operator's to look at; a caller's bad input is not.
+        level = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING}.get(code, logging.INFO)
+        log.log(level, "%s failed with %s: %s", method, code.name, exc, extra={"generation_id": generation_id},
+                exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
+        prefix = f"generation '{generation_id}': " if generation_id else ""
+        await context.abort(code, f"{prefix}{exc}")
+
+    async def Attribute(self, request, context) -> AsyncIterator[pb.Credit]:
+        try:
+            outcome = await self._attribute(request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            await self._fail("Attribute", context, exc, request.collection, request.generation_id)
+            return
+        context.set_trailing_metadata(((LEDGER_METADATA_KEY, outcome.ledger),))
+        for credit in to_credits(request.generation_id, outcome.attribution):
+            yield credit
+        self._count("Attribute", grpc.StatusCode.OK, outcome.collection)
+
+    async def AttributeStream(self, request_iterator, context) -> AsyncIterator[pb.AttributionResult]:
+        # Each request is attributed as soon as it arrives (so one stream fills batches);
+        # results go back as they finish, in any order.
+        finished: asyncio.Queue = asyncio.Queue()
+        outstanding = 0
+        reading_done = asyncio.Event()
+        collections: set[str] = set()
+
+        async def attribute_one(request):
+            try:
+                await finished.put((request, await self._attribute(request, context), None))
+            except Exception as exc:  # noqa: BLE001
+                await finished.put((request, None, exc))
+
+        async def read_all():
+            nonlocal outstanding
+            async for request in request_iterator:
+                outstanding += 1
+                tasks.add(asyncio.create_task(attribute_one(request)))
+            reading_done.set()
+
+        tasks: set[asyncio.Task] = set()
+        reader = asyncio.create_task(read_all())
+        try:
+            while True:
+                if reading_done.is_set() and outstanding == 0:
+                    break
+                getter = asyncio.create_task(finished.get())
+                done, _ = await asyncio.wait({getter, reader} if not reader.done() else {getter},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    if reader.exception() is not None:
+                        raise reader.exception()
+                    continue
+                request, outcome, error = getter.result()
+                outstanding -= 1
+                if error is not None:
+                    await self._fail("AttributeStream", context, error, request.collection, request.generation_id)
+                    return
+                collections.add(outcome.collection)
+                yield to_result(request.generation_id, outcome)
+            # A stream may span collections: it counts once, under its one collection or "".
+            self._count("AttributeStream", grpc.StatusCode.OK, next(iter(collections)) if len(collections) == 1 else "")
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def GetIndexInfo(self, request, context) -> pb.IndexInfo:
+        try:
+            description = self.service.describe(request.collection)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail("GetIndexInfo", context, exc, request.collection)
+        self._count("GetIndexInfo", grpc.StatusCode.OK, description.collection)
+        return to_index_info(description)
+
+    async def ListCollections(self, request, context) -> pb.ListCollectionsResponse:
+        try:
+            descriptions = self.service.list_collections()
+        except Exception as exc:  # noqa: BLE001
+            await self._fail("ListCollections", context, exc)
+        self._count("ListCollections", grpc.StatusCode.OK, "")
+        return pb.ListCollectionsResponse(collections=[to_index_info(d) for d in descriptions])
+
+    async def _ledger_query(self, method: str, request, context, query):
+        """Run `query(window)` on the service: (items, generations, total credit), or None
+        after the call was failed with the error's status."""
+        try:
+            since = request.since.ToSeconds() if request.HasField("since") else None
+            until = request.until.ToSeconds() if request.HasField("until") else None
+            window = self.service.window(since, until, request.collection, request.tenant_id)
+            answer = await query(window)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(method, context, exc, request.collection)
+            return None
+        self._count(method, grpc.StatusCode.OK, request.collection)
+        return answer
+
+    async def GetValuation(self, request, context) -> pb.GetValuationResponse:
+        values, generations, total = await self._ledger_query("GetValuation", request, context, lambda window: (
+            self.service.valuation(window, request.limit or None, list(request.training_ids) or None)))
+        return pb.GetValuationResponse(
+            values=[pb.TrainingImageValue(training_id=v.training_id, contributor_id=v.contributor_id, value=v.value,
+                                          generations=v.generations) for v in values],
+            generations=generations, total_credit=total)
+
+    async def TopContributors(self, request, context) -> pb.TopContributorsResponse:
+        contributors, generations, total = await self._ledger_query(
+            "TopContributors", request, context, lambda window: self.service.top_contributors(window, request.limit or 10))
+        return pb.TopContributorsResponse(
+            contributors=[pb.ContributorValue(contributor_id=c.contributor_id, value=c.value, generations=c.generations,
+                                              training_images=c.training_images) for c in contributors],
+            generations=generations, total_credit=total)
+
+
+def to_index_info(description: CollectionDescription) -> pb.IndexInfo:
+    d = description
+    return pb.IndexInfo(collection=d.collection, profile=d.profile, encoder=d.encoder, encoder_dim=d.encoder_dim,
+                        reranker=d.reranker, feature_dim=d.feature_dim, quality=d.quality, row_count=d.row_count,
+                        index_type=d.index_type, index_params=d.index_params, search_params=d.search_params)
+
+
+def to_credits(generation_id: str, result: Attribution) -> list[pb.Credit]:
+    return [
+        pb.Credit(generation_id=generation_id, rank=c.rank, training_id=c.training_id, contributor_id=c.contributor_id,
+                  credit=c.credit, distance=c.distance, quality=result.quality)
+        for c in result.credits
+    ]
+
+
+def to_result(generation_id: str, outcome: AttributionOutcome) -> pb.AttributionResult:
+    result = outcome.attribution
+    return pb.AttributionResult(
+        generation_id=generation_id,
+        quality=result.quality,
+        ledger=LEDGER_STATES[outcome.ledger],
+        credits=to_credits(generation_id, result),
+        contributors=[pb.ContributorCredit(contributor_id=cid, credit=credit) for cid, credit in result.contributors],
+    )
