@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from .settings import DEFAULTS
 from .decode import DEFAULT_LIMITS, ImageLimits, load_image_file
 from .encoders import Encoder
 from .errors import InvalidImageError, ManifestError
@@ -149,7 +150,7 @@ def ingest(
     encoder: Encoder,
     reranker: Reranker,
     index_params: IndexParams = IndexParams(),
-    batch_size: int = 64,
+    batch_size: int = DEFAULTS.ingest_batch_size,
     limits: ImageLimits = DEFAULT_LIMITS,
     progress: bool = True,
     index_timeout_s: float = 1800.0,

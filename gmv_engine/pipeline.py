@@ -74,7 +74,7 @@ class Attributor:
                 f"collection '{collection}' stores re-rank features for '{self.info.reranker}', not '{reranker_name}'; "
                 f"use --reranker {self.info.reranker} or none, or build a collection with --reranker {reranker_name}"
             )
-        models = models or ModelPool(device)
+        models = ModelPool(device) if models is None else models  # (an empty pool is falsy)
         self.encoder = encoder or models.get("encoder", self.info.encoder)
         if self.encoder.name != self.info.encoder or self.encoder.dim != self.info.encoder_dim:
             raise IncompatibleCollectionError(

@@ -63,8 +63,8 @@ class Settings:
                              "a request's top_k of 0 means this", "pipeline")
     nprobe: int = setting(32, "IVF lists Milvus visits per query", "pipeline")
     temperature: float = setting(1.0, "T in exp(-d/T); the paper's formula is T = 1", "pipeline")
-    reranker: str = setting("", "re-ranker at query time: none, or empty for the collection's own", "pipeline",
-                            choices="reranker")
+    reranker: str = setting("", "re-ranker: at build, overrides the profile's; at query time, none or empty "
+                                "(the collection's own)", "pipeline", choices="reranker")
     quality: str = setting("", "quality metric for q; empty: the collection's profile's", "pipeline",
                            choices="quality")
     feature_cache_mb: int = setting(256, "MiB of re-rank features cached in memory per collection", "pipeline")

@@ -11,6 +11,8 @@ import pytest
 
 from gmv_engine.milvus.embedded import free_port
 
+pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
+
 GMV = [sys.executable, "-m", "gmv_server.cli"]
 
 
@@ -129,3 +131,21 @@ def test_models_status_says_what_is_missing():
     if paper.returncode == 0:
         pytest.skip("vgg16 weights are cached on this machine")
     assert paper.returncode == 2 and "vgg16: MISSING" in paper.stdout and "gmv models download" in paper.stdout
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_busy_port_is_refused_before_milvus_starts(tmp_path, flag):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = "--metrics-port" if flag == "--port" else "--port"
+        started = time.monotonic()
+        result = gmv("serve", "--collection", "x", "--host", "127.0.0.1", flag, str(port), other, str(free_port()),
+                     "--data-dir", str(tmp_path / "data"), "--milvus-port", str(free_port()), timeout=60)
+    assert result.returncode == 2
+    assert f"port {port} ({flag})" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "data" / "milvus").exists()  # refused before the embedded Milvus started
+    assert time.monotonic() - started < 30

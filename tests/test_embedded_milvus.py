@@ -1,7 +1,11 @@
 """The embedded Milvus' own start-up, apart from what is served on it."""
 import socket
 
+import pytest
+
 from gmv_engine.milvus.embedded import EmbeddedMilvus, free_port
+
+pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
 
 
 def leave_time_wait_on(port: int) -> None:

@@ -22,6 +22,8 @@ from gmv_engine.datasets import read_heldout
 from gmv_engine.milvus.embedded import free_port
 from gmv_engine.ledger import open_ledger
 
+pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
+
 GENERATIONS = 60
 
 

@@ -25,6 +25,8 @@ from gmv_engine.milvus.embedded import free_port
 from helpers import metric_samples as samples
 from helpers import start_server, stop_server
 
+pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "gmv.json"

@@ -156,7 +156,7 @@ def test_cli_refuses_flags_that_do_nothing_with_a_server(server, digits):
     run = _gmv("attribute", path, "--server", server["target"], "--collection", LOW, "--nprobe", "4",
                "--milvus-uri", "http://127.0.0.1:1")
     assert run.returncode == 2
-    assert "--nprobe, --milvus-uri: no effect with --server" in run.stderr and "Traceback" not in run.stderr
+    assert "--milvus-uri, --nprobe: no effect with --server" in run.stderr and "Traceback" not in run.stderr
 
 
 def _scrape(server) -> str:

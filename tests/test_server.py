@@ -22,6 +22,8 @@ from gmv_engine.pipeline import Attributor
 
 from helpers import metric, png_header_only, start_server, stop_server
 
+pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
+
 SERVICE = "gmv.v1.AttributionService"
 
 

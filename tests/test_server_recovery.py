@@ -17,6 +17,8 @@ from gmv_engine.ingest import ingest, read_manifest
 from helpers import make_info
 from helpers import metric
 
+pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
+
 
 def wait_for_metric(port: int, name: str, value: float, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..settings import DEFAULTS
 from ..errors import CollectionNotFoundError, GMVError, IncompatibleCollectionError, IndexUnavailableError
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,10 @@ class IndexParams:
     index_type "FLAT" builds exact brute-force search instead: the reference an evaluation
     compares IVF_PQ's approximate recall against."""
 
-    nlist: int = 0
-    m: int = 0
-    nbits: int = 8
-    index_type: str = "IVF_PQ"
+    nlist: int = DEFAULTS.nlist
+    m: int = DEFAULTS.m
+    nbits: int = DEFAULTS.nbits
+    index_type: str = DEFAULTS.index_type
 
     def resolve(self, rows: int, dim: int) -> "IndexParams":
         if self.index_type not in INDEX_TYPES:
