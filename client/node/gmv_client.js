@@ -4,24 +4,7 @@
 'use strict';
 const fs = require('fs');
 const path = require('path');
-const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
-
-const PROTO_ROOT = path.join(__dirname, '..', '..', 'proto');
-const definition = protoLoader.loadSync('gmv/v1/attribution.proto', {
-  includeDirs: [PROTO_ROOT], keepCase: true, longs: Number, defaults: true,
-});
-const gmv = grpc.loadPackageDefinition(definition).gmv.v1;
-
-function attribute(client, request) {
-  return new Promise((resolve, reject) => {
-    const credits = [];
-    const call = client.Attribute(request, { deadline: Date.now() + 30000 });
-    call.on('data', (credit) => credits.push(credit));
-    call.on('error', reject);
-    call.on('end', () => resolve(credits));
-  });
-}
+const { grpc, gmv, attribute } = require('./gmv_proto');
 
 function attributeStream(client, requests) {
   return new Promise((resolve, reject) => {
