@@ -63,6 +63,7 @@ def test_bad_depth_and_missing_folder(tmp_path):
         scan_folder(tmp_path / "absent")
 
 
+@pytest.mark.e2e  # builds and waits for an index
 def test_ingest_counts_inserts_per_contributor(index, tmp_path, offline_components):
     root = tmp_path / "set"
     write_images(root, ["alice/2024/a1.png", "alice/2024/a2.png", "alice/2025/a3.png", "bob/2024/b1.png",

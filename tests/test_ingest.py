@@ -28,6 +28,7 @@ def build(index, name, manifest, components):
                   IndexParams(nlist=2), batch_size=5, progress=False)
 
 
+@pytest.mark.e2e  # builds and waits for an index
 def test_rerun_is_resumable_and_inserts_nothing_twice(index, tmp_path, small_set, offline_components):
     manifest = write_csv(tmp_path / "m.csv", ["path", "training_id", "contributor_id", "label"], small_set[:7])
     first = build(index, "ingest_resume", manifest, offline_components)
@@ -39,6 +40,7 @@ def test_rerun_is_resumable_and_inserts_nothing_twice(index, tmp_path, small_set
     assert second.index_state["indexed_rows"] == second.index_state["total_rows"] == 12
 
 
+@pytest.mark.e2e  # builds and waits for an index
 def test_exact_duplicate_images_are_skipped_and_counted(index, tmp_path, small_set, offline_components):
     duplicate = [small_set[0][0], "same-bytes-other-id", "someone-else", small_set[0][3]]
     manifest = write_csv(tmp_path / "m.csv", ["path", "training_id", "contributor_id", "label"], [*small_set[:3], duplicate])
@@ -51,6 +53,7 @@ def test_exact_duplicate_images_are_skipped_and_counted(index, tmp_path, small_s
     assert (again.inserted, again.duplicates) == (0, 1)
 
 
+@pytest.mark.e2e  # builds and waits for an index
 def test_bad_rows_are_reported_by_line_and_never_inserted(index, tmp_path, small_set, offline_components):
     (tmp_path / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     rows = [
