@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImageError
 from .settings import DEFAULTS, Settings
@@ -53,7 +53,9 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
             if min(width, height) < limits.min_side:
                 raise InvalidImageError(f"image is {width}x{height}; each side must be at least {limits.min_side}")
             image.load()
-            return image.convert("RGB")
+            # A camera's sideways JPEG is upright once its EXIF orientation is applied: ingest and
+            # queries both decode here, so both see the image as a person does.
+            return ImageOps.exif_transpose(image).convert("RGB")
     except InvalidImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -183,6 +183,9 @@ def attribute_batch(attributors: Sequence[Attributor], images: Sequence[Image.Im
     with times.stage("quality", batch):
         for scorer, members in _groups(attributors, lambda a: a.quality):
             qualities[members] = scorer.score([images[i] for i in members])
+    # A flat image (all black, fully transparent: what a safety checker returns) has no quality a
+    # no-reference metric can measure (PIQE gives NaN): it gets q = 0, so it passes on no credit.
+    qualities = np.where(np.isfinite(qualities), qualities, 0.0)
     with times.stage("credit", batch):
         results = [attributors[i].credit(kept[i], float(qualities[i])) for i in range(count)]
     if on_batch is not None:

@@ -92,6 +92,10 @@ class Settings:
     max_batch_size: int = setting(32, "generated images per model batch", "serving")
     max_queue_delay_ms: float = setting(5.0, "how long the first request of a batch waits for company", "serving")
     max_queue_size: int = setting(256, "waiting requests past which callers get RESOURCE_EXHAUSTED", "serving")
+    max_stream_in_flight: int = setting(64, "requests of one AttributeStream in flight at once; the stream is "
+                                            "read no faster (backpressure)", "serving")
+    max_id_bytes: int = setting(128, "longest generation_id or tenant_id accepted, in UTF-8 bytes", "serving")
+    max_valuation_ids: int = setting(10_000, "most training_ids one GetValuation request may name", "serving")
     max_message_mb: int = setting(64, "largest gRPC message the server receives, in MiB", "serving")
     grace_s: float = setting(10.0, "how long SIGTERM waits for in-flight calls", "serving")
     log_format: str = setting("text", "text, or json: one object a line, with generation_id on request lines",

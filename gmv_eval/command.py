@@ -294,6 +294,10 @@ def stream(client, generations: list[Generation], top_k: int) -> tuple[dict, flo
         results.update((r.generation_id, r) for r in client.attribute_stream([(g.generation_id, g.image, top_k)
                                                                                for g in window], record=False))
     seconds = time.perf_counter() - start
+    failed = [r for r in results.values() if r.error_code]
+    if failed:  # a stream reports a failed generation as a result; an evaluation needs them all
+        raise RuntimeError(f"{len(failed)} generation(s) failed, e.g. {failed[0].generation_id}: "
+                           f"{failed[0].error_code}: {failed[0].error_message}")
     replayed = [gid for gid, r in results.items() if r.ledger == "replayed"]
     if replayed:  # a replay is the ledger's record, not this variant's computation
         raise RuntimeError(f"the server replayed {len(replayed)} generation(s) from its ledger, e.g. {replayed[0]}")

@@ -89,3 +89,23 @@ def test_a_failing_batch_fails_each_of_its_callers():
         return results
 
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
+
+
+def test_one_failing_request_fails_only_itself():
+    """A batch that raises is run request by request, so only the request that fails gets the error."""
+    def run(images, top_ks):
+        if "bad" in images:
+            raise ValueError("this image breaks a stage")
+        return [f"ok:{image}" for image in images]
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=8, max_queue_delay_s=0.05)
+        batcher.start()
+        outcomes = await asyncio.gather(*(batcher.submit(name, 1, None) for name in ["a", "bad", "c"]),
+                                        return_exceptions=True)
+        await batcher.stop()
+        return outcomes
+
+    a, bad, c = asyncio.run(main())
+    assert (a, c) == ("ok:a", "ok:c")
+    assert isinstance(bad, ValueError)

@@ -4,7 +4,7 @@ import pytest
 
 from gmv_engine.settings import Settings
 from gmv_engine.datasets import read_heldout
-from gmv_engine.decode import load_image_file
+from gmv_engine.decode import decode_image, load_image_file
 from gmv_engine.errors import IncompatibleCollectionError, InvalidArgumentError, InvalidImageError
 from gmv_engine.pipeline import Attributor
 from gmv_engine.quality import create_quality
@@ -106,3 +106,34 @@ def test_stage_times_are_recorded(attributor, heldout):
     before = dict(attributor.times.seconds)
     attributor.attribute_bytes([png_bytes(heldout[0][0])])
     assert all(attributor.times.seconds[stage] > before[stage] for stage in ("decode", "embed", "recall", "rerank", "quality"))
+
+
+def test_flat_images_get_zero_quality_and_zero_credit(attributor):
+    """All black and fully transparent (a safety checker's output): PIQE cannot score them (NaN);
+    they are legal generations that pass on no credit."""
+    from PIL import Image
+
+    black = Image.new("RGB", (64, 64), (0, 0, 0))
+    transparent = decode_image(png_bytes(Image.new("RGBA", (64, 64), (0, 0, 0, 0))))
+    for result in attributor.attribute([black, transparent]):
+        assert result.quality == 0.0 and len(result.credits) == 10
+        assert all(c.credit == 0.0 for c in result.credits)
+
+
+def test_exif_orientation_is_applied_before_embedding(attributor, heldout):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90° clockwise to view) gets the
+    same top 5 as the upright image."""
+    import io
+
+    from PIL import Image
+
+    upright = heldout[0][0].resize((96, 96))
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # how the camera stored the pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    sideways.save(buffer, format="JPEG", quality=95, exif=exif)
+    plain = io.BytesIO()
+    upright.save(plain, format="JPEG", quality=95)
+    (from_exif,), (from_plain,) = attributor.attribute_bytes([buffer.getvalue()]), attributor.attribute_bytes([plain.getvalue()])
+    assert [c.training_id for c in from_exif.credits[:5]] == [c.training_id for c in from_plain.credits[:5]]

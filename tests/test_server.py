@@ -20,7 +20,7 @@ from gmv_engine.settings import Settings
 from gmv_engine.datasets import read_heldout
 from gmv_engine.pipeline import Attributor
 
-from helpers import metric, png_header_only, start_server, stop_server
+from helpers import metric, png_bytes, png_header_only, start_server, stop_server
 
 pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
 
@@ -146,13 +146,86 @@ def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(server, 
     assert len(list(stub.Attribute(pb.AttributeRequest(generation_id=gid, image=data), timeout=30))) == 10
 
 
-def test_bad_request_in_a_stream_ends_it_with_its_status(server, images):
+def test_bad_request_in_a_stream_is_its_own_result_and_the_stream_goes_on(server, images):
     stub = pb_grpc.AttributionServiceStub(server["channel"])
     requests = [pb.AttributeRequest(generation_id="ok", image=images[0][1]),
-                pb.AttributeRequest(generation_id="broken", image=b"garbage")]
+                pb.AttributeRequest(generation_id="broken", image=b"garbage"),
+                pb.AttributeRequest(generation_id="ok-too", image=images[1][1])]
+    results = {r.generation_id: r for r in stub.AttributeStream(iter(requests), timeout=30)}
+    assert set(results) == {"ok", "broken", "ok-too"}
+    assert results["broken"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "could not be decoded" in results["broken"].error.message and not results["broken"].credits
+    assert not results["ok"].HasField("error") and len(results["ok-too"].credits) == 10
+
+
+def flat_images() -> list[bytes]:
+    """What a safety checker returns: all black, and fully transparent."""
+    from PIL import Image
+
+    return [png_bytes(Image.new("RGB", (64, 64), (0, 0, 0))), png_bytes(Image.new("RGBA", (64, 64), (0, 0, 0, 0)))]
+
+
+def test_a_long_stream_with_bad_and_flat_images_completes(server, images):
+    """Longer than the queue (256): the server reads the stream only as fast as it computes."""
+    stub = pb_grpc.AttributionServiceStub(server["channel"])
+    flat = flat_images()
+    requests = []
+    for i in range(300):
+        if i in (7, 150, 299):
+            image = b"\x89PNG\r\n\x1a\n not really"
+        elif i in (40, 200):
+            image = flat[i % 2]
+        else:
+            image = images[i % len(images)][1]
+        requests.append(pb.AttributeRequest(generation_id=f"long-{i}", image=image, skip_ledger=True))
+    results = {r.generation_id: r for r in stub.AttributeStream(iter(requests), timeout=300)}
+    assert len(results) == 300
+    errors = {gid: r.error.code for gid, r in results.items() if r.HasField("error")}
+    assert errors == {f"long-{i}": grpc.StatusCode.INVALID_ARGUMENT.value[0] for i in (7, 150, 299)}
+    for i in (40, 200):  # a flat image is legal: q = 0 and zero credits
+        result = results[f"long-{i}"]
+        assert result.quality == 0.0 and len(result.credits) == 10 and all(c.credit == 0.0 for c in result.credits)
+    assert all(len(r.credits) == 10 for gid, r in results.items() if gid not in errors)
+
+
+def test_a_black_image_among_concurrent_calls_fails_nobody(server, images):
+    black = flat_images()[0]
+
+    def call(i):
+        data = black if i == 5 else images[i % len(images)][1]
+        with GMVClient(server["target"]) as client:
+            return client.attribute(data, generation_id=f"concurrent-black-{i}")
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(16)))
+    assert len(results) == 16 and results[5].quality == 0.0
+    assert all(abs(sum(c.credit for c in r.credits) - r.quality) < 1e-9 for r in results)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("generation_id", "x" * 1_000_000, "generation_id is 1000000 bytes; the limit is 128"),
+    ("generation_id", "line\nforged", "control characters"),
+    ("tenant_id", "t" * 129, "tenant_id is 129 bytes"),
+])
+def test_ids_are_bounded_and_printable_and_nothing_is_recorded(server, images, field, value, message):
+    stub = pb_grpc.AttributionServiceStub(server["channel"])
+    request = {"generation_id": "bounded-id", "image": images[0][1], field: value}
     with pytest.raises(grpc.RpcError) as caught:
-        list(stub.AttributeStream(iter(requests), timeout=30))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "broken" in caught.value.details()
+        list(stub.Attribute(pb.AttributeRequest(**request), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in caught.value.details()
+    assert len(caught.value.details()) < 1000
+    import sqlite3
+
+    with sqlite3.connect(Path(server["log"]).parent / "ledger.sqlite3") as db:
+        ids = [row[0] for row in db.execute("SELECT generation_id FROM generations")]
+    assert "bounded-id" not in ids and not any(len(i) > 128 for i in ids)
+
+
+def test_valuation_of_too_many_ids_is_invalid_argument(server):
+    with GMVClient(server["target"]) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.valuation(training_ids=[f"t{i}" for i in range(10_001)])
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "the limit is 10000" in caught.value.details()
 
 
 def test_passed_deadline_is_not_computed(server, images):

@@ -46,6 +46,10 @@ class Attribution:
     credits: tuple[Credit, ...]
     contributors: tuple[tuple[str, float], ...]  # (contributor_id, credit), largest first
     ledger: str = ""  # "recorded", "replayed" (an earlier request's credits) or "not-recorded"
+    # A stream's failed generation: its status code's name (e.g. "INVALID_ARGUMENT") and message;
+    # it then has no credits. "" for a success.
+    error_code: str = ""
+    error_message: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,13 @@ def _credit(message: pb.Credit) -> Credit:
 
 
 def _from_result(message: pb.AttributionResult) -> Attribution:
+    error_code = ""
+    if message.HasField("error"):
+        codes = {code.value[0]: code.name for code in grpc.StatusCode}
+        error_code = codes.get(message.error.code, str(message.error.code))
     return Attribution(message.generation_id, message.quality, tuple(_credit(c) for c in message.credits),
                        tuple((c.contributor_id, c.credit) for c in message.contributors),
-                       LEDGER_STATES.get(message.ledger, ""))
+                       LEDGER_STATES.get(message.ledger, ""), error_code, message.error.message)
 
 
 def _ledger_state(trailing_metadata) -> str:
@@ -170,6 +178,7 @@ class GMVClient:
     def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]], tenant_id: str = "",
                          record: bool = True, collection: str = "") -> Iterator[Attribution]:
         """Many generations over one call: (generation_id, image[, top_k]) in; results in any order.
+        A failed generation comes back with `error_code`/`error_message` set and the stream goes on.
         Not retried here (a stream may have been half consumed): resend the ids you did not get
         back, or the whole stream; recorded ones come back as "replayed", never twice."""
         messages = (_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record, collection) for r in requests)

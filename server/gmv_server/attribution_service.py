@@ -156,8 +156,8 @@ class AttributionService:
         started = time.perf_counter()
         collection = self.resolve(request.collection)
         attributor = self.attributors[collection]
-        if not request.generation_id:
-            raise InvalidArgumentError("generation_id is required")
+        self.check_id("generation_id", request.generation_id, required=True)
+        self.check_id("tenant_id", request.tenant_id)
         top_k = request.top_k or self.settings.top_k
         attributor.check_top_k(top_k, 1)
         record = request.record and self.ledger is not None
@@ -183,6 +183,19 @@ class AttributionService:
         if new:
             return self._finish(collection, started, result, RECORDED)
         return self._finish(collection, started, stored.attribution, REPLAYED)  # a concurrent request recorded it first
+
+    def check_id(self, field_name: str, value: str, required: bool = False) -> None:
+        """Ids go into the ledger and every log line about a request: bounded, and printable."""
+        if not value:
+            if required:
+                raise InvalidArgumentError(f"{field_name} is required")
+            return
+        size = len(value.encode("utf-8"))
+        if size > self.settings.max_id_bytes:
+            raise InvalidArgumentError(f"{field_name} is {size} bytes; the limit is {self.settings.max_id_bytes}")
+        if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
+            raise InvalidArgumentError(f"{field_name} contains control characters (newlines, tabs, ...); "
+                                       "use printable text")
 
     def _finish(self, collection: str, started: float, attribution: Attribution, ledger: str) -> AttributionOutcome:
         elapsed = time.perf_counter() - started
@@ -216,6 +229,9 @@ class AttributionService:
 
     async def valuation(self, window: Window, limit: int | None, training_ids: list[str] | None):
         ledger = self._require_ledger()
+        if training_ids and len(training_ids) > self.settings.max_valuation_ids:
+            raise InvalidArgumentError(f"{len(training_ids)} training_ids in one request; the limit is "
+                                       f"{self.settings.max_valuation_ids}: ask in pages, or for all (none named)")
         values = await asyncio.to_thread(ledger.values, window, limit, training_ids)
         return values, *(await asyncio.to_thread(ledger.totals, window))
 

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from gmv_engine.credit import Attribution
+from gmv_engine.errors import IndexUnavailableError
 
 from .logs import generation_id, generation_ids
 from .metrics import ServerMetrics
@@ -96,7 +97,8 @@ class DynamicBatcher:
             now = time.monotonic()
             live = []
             for pending in batch:
-                if pending.future.done():  # the caller went away
+                if pending.future.done():  # the caller went away (cancelled, or its stream ended)
+                    self.metrics.cancelled_drops.inc()
                     continue
                 if pending.deadline is not None and now >= pending.deadline:
                     self.metrics.deadline_drops.inc()
@@ -109,21 +111,38 @@ class DynamicBatcher:
             started = time.perf_counter()
             ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
             try:
-                results = await asyncio.to_thread(self.run_batch, [p.image for p in live], [p.top_k for p in live])
-            except Exception as exc:  # noqa: BLE001 - the batch's error is each of its callers' error
-                log.warning("a batch of %d failed: %s: %s", len(live), type(exc).__name__, exc)
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
+                results = await asyncio.to_thread(self._run_isolating, live)
             finally:
                 generation_ids.reset(ids)
             self.metrics.batch_executions.inc()
             self.metrics.batch_size.observe(len(live))
             self.metrics.compute_seconds.observe(time.perf_counter() - started)
             for pending, result in zip(live, results):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    pending.future.set_exception(result)
+                else:
                     pending.future.set_result(result)
+
+    def _run_isolating(self, live: list[_Pending]) -> list:
+        """One result per request, or the exception that request alone causes: when a batch fails,
+        each of its requests runs on its own, so one bad item fails only its own caller."""
+        try:
+            return self.run_batch([p.image for p in live], [p.top_k for p in live])
+        except Exception as exc:  # noqa: BLE001
+            # Milvus down is every request's answer: running them one by one would only wait longer.
+            if len(live) == 1 or isinstance(exc, IndexUnavailableError):
+                return [exc] * len(live)
+            log.warning("a batch of %d failed (%s: %s); running its requests one by one", len(live),
+                        type(exc).__name__, exc)
+        outcomes: list = []
+        for pending in live:
+            try:
+                outcomes.extend(self.run_batch([pending.image], [pending.top_k]))
+            except Exception as exc:  # noqa: BLE001 - this request's own failure
+                outcomes.append(exc)
+        return outcomes
 
     async def stop(self) -> None:
         if self._task is not None:

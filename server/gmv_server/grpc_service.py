@@ -54,6 +54,13 @@ LEDGER_STATES = {RECORDED: pb.LEDGER_STATE_RECORDED, REPLAYED: pb.LEDGER_STATE_R
                  NOT_RECORDED: pb.LEDGER_STATE_NOT_RECORDED}
 
 
+def loggable(text: str, limit: int = 128) -> str:
+    """A caller's id as it may appear in a log line or a status message: control characters
+    escaped (no forged lines) and cut to `limit` characters (no megabyte trailers)."""
+    escaped = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return escaped if len(escaped) <= limit else escaped[:limit] + f"...({len(text)} characters)"
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     for types, code in STATUS_OF:
         if isinstance(exc, types):
@@ -77,7 +84,7 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
             deadline=time.monotonic() + remaining if remaining is not None else None)
 
     async def _attribute(self, message: pb.AttributeRequest, context) -> AttributionOutcome:
-        current_generation_id.set(message.generation_id)  # the calling task's context: _fail's lines too
+        current_generation_id.set(loggable(message.generation_id))  # the calling task's context: _fail's lines too
         return await self.service.attribute(self._request(message, context))
 
     def _count(self, method: str, code: grpc.StatusCode, collection: str) -> None:
@@ -90,6 +97,7 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         # Server-side failures are the operator's to look at; a caller's bad input is not.
         level = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
                  grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING}.get(code, logging.INFO)
+        generation_id = loggable(generation_id)
         log.log(level, "%s failed with %s: %s", method, code.name, exc, extra={"generation_id": generation_id},
                 exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         prefix = f"generation '{generation_id}': " if generation_id else ""
@@ -107,9 +115,11 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         self._count("Attribute", grpc.StatusCode.OK, outcome.collection)
 
     async def AttributeStream(self, request_iterator, context) -> AsyncIterator[pb.AttributionResult]:
-        # Each request is attributed as soon as it arrives (so one stream fills batches);
-        # results go back as they finish, in any order.
+        # Each request is attributed as soon as it arrives (so one stream fills batches), but at
+        # most max_stream_in_flight at a time: the stream is read only as fast as it is computed.
+        # Results go back as they finish, in any order; a failed request is a result with `error`.
         finished: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.service.settings.max_stream_in_flight)
         outstanding = 0
         reading_done = asyncio.Event()
         collections: set[str] = set()
@@ -117,12 +127,13 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         async def attribute_one(request):
             try:
                 await finished.put((request, await self._attribute(request, context), None))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - the request's own outcome, sent as its result
                 await finished.put((request, None, exc))
 
         async def read_all():
             nonlocal outstanding
             async for request in request_iterator:
+                await slots.acquire()
                 outstanding += 1
                 tasks.add(asyncio.create_task(attribute_one(request)))
             reading_done.set()
@@ -143,9 +154,10 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
                     continue
                 request, outcome, error = getter.result()
                 outstanding -= 1
+                slots.release()
                 if error is not None:
-                    await self._fail("AttributeStream", context, error, request.collection, request.generation_id)
-                    return
+                    yield self._item_error("AttributeStream", request, error)
+                    continue
                 collections.add(outcome.collection)
                 yield to_result(request.generation_id, outcome)
             # A stream may span collections: it counts once, under its one collection or "".
@@ -154,6 +166,17 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
             reader.cancel()
             for task in tasks:
                 task.cancel()
+
+    def _item_error(self, method: str, request: pb.AttributeRequest, exc: Exception) -> pb.AttributionResult:
+        """One failed generation of a stream: logged and counted like a failed call, sent as a result."""
+        code = status_for(exc)
+        self.metrics.stream_item_errors.labels(code.name, self.service.served_label(request.collection)).inc()
+        level = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING}.get(code, logging.INFO)
+        log.log(level, "%s item failed with %s: %s", method, code.name, exc,
+                extra={"generation_id": loggable(request.generation_id)}, exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
+        return pb.AttributionResult(generation_id=request.generation_id,
+                                    error=pb.AttributionError(code=code.value[0], message=str(exc)))
 
     async def GetIndexInfo(self, request, context) -> pb.IndexInfo:
         try:

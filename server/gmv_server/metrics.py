@@ -41,6 +41,9 @@ class ServerMetrics:
         # it named none or an unknown one, so callers cannot mint series).
         self.requests = Counter("gmv_requests", "RPCs finished, by method, gRPC status code and collection",
                                 ["method", "code", "collection"], registry=r)
+        self.stream_item_errors = Counter("gmv_stream_item_errors", "Generations of an AttributeStream that "
+                                          "failed and came back as a result with `error` set (the stream went "
+                                          "on), by status code and collection", ["code", "collection"], registry=r)
         self.generation_seconds = Histogram(
             "gmv_generation_duration_seconds",
             "Server-side end-to-end seconds of one generation attributed: from its request's arrival "
@@ -67,6 +70,8 @@ class ServerMetrics:
                                      ["outcome", "collection"], registry=r)
         self.deadline_drops = Counter("gmv_deadline_dropped", "Requests dropped unrun because their deadline passed",
                                       registry=r)
+        self.cancelled_drops = Counter("gmv_cancelled_dropped", "Requests dropped unrun because their call was "
+                                       "cancelled or their stream ended before their batch ran", registry=r)
         self.milvus_seconds = Histogram("gmv_milvus_request_duration_seconds",
                                         "Seconds per Milvus call, by pymilvus operation, failed calls included",
                                         ["operation"], buckets=LATENCY_BUCKETS, registry=r)

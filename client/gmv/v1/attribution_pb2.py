@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gmv/v1/attribution.proto\x12\x06gmv.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x10\x41ttributeRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x13\n\x0bskip_ledger\x18\x05 \x01(\x08\x12\x12\n\ncollection\x18\x06 \x01(\t\"\x8d\x01\n\x06\x43redit\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0btraining_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontributor_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x01\x12\x10\n\x08\x64istance\x18\x06 \x01(\x01\x12\x0f\n\x07quality\x18\x07 \x01(\x01\";\n\x11\x43ontributorCredit\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x01\"\xb2\x01\n\x11\x41ttributionResult\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\x01\x12\x1f\n\x07\x63redits\x18\x03 \x03(\x0b\x32\x0e.gmv.v1.Credit\x12/\n\x0c\x63ontributors\x18\x04 \x03(\x0b\x32\x19.gmv.v1.ContributorCredit\x12#\n\x06ledger\x18\x05 \x01(\x0e\x32\x13.gmv.v1.LedgerState\")\n\x13GetIndexInfoRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\x18\n\x16ListCollectionsRequest\"A\n\x17ListCollectionsResponse\x12&\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x11.gmv.v1.IndexInfo\"\x94\x03\n\tIndexInfo\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x13\n\x0b\x65ncoder_dim\x18\x04 \x01(\r\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0f\n\x07quality\x18\x07 \x01(\t\x12\x11\n\trow_count\x18\x08 \x01(\x04\x12\x12\n\nindex_type\x18\t \x01(\t\x12\x38\n\x0cindex_params\x18\n \x03(\x0b\x32\".gmv.v1.IndexInfo.IndexParamsEntry\x12:\n\rsearch_params\x18\x0b \x03(\x0b\x32#.gmv.v1.IndexInfo.SearchParamsEntry\x1a\x32\n\x10IndexParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11SearchParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x13GetValuationRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctraining_ids\x18\x03 \x03(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x12\n\ncollection\x18\x06 \x01(\t\"e\n\x12TrainingImageValue\x12\x13\n\x0btraining_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontributor_id\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x13\n\x0bgenerations\x18\x04 \x01(\x04\"m\n\x14GetValuationResponse\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.gmv.v1.TrainingImageValue\x12\x13\n\x0bgenerations\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_credit\x18\x03 \x01(\x01\"\xa4\x01\n\x16TopContributorsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\"g\n\x10\x43ontributorValue\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x13\n\x0bgenerations\x18\x03 \x01(\x04\x12\x17\n\x0ftraining_images\x18\x04 \x01(\x04\"t\n\x17TopContributorsResponse\x12.\n\x0c\x63ontributors\x18\x01 \x03(\x0b\x32\x18.gmv.v1.ContributorValue\x12\x13\n\x0bgenerations\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_credit\x18\x03 \x01(\x01*\x80\x01\n\x0bLedgerState\x12\x1c\n\x18LEDGER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15LEDGER_STATE_RECORDED\x10\x01\x12\x19\n\x15LEDGER_STATE_REPLAYED\x10\x02\x12\x1d\n\x19LEDGER_STATE_NOT_RECORDED\x10\x03\x32\xcc\x03\n\x12\x41ttributionService\x12\x37\n\tAttribute\x12\x18.gmv.v1.AttributeRequest\x1a\x0e.gmv.v1.Credit0\x01\x12J\n\x0f\x41ttributeStream\x12\x18.gmv.v1.AttributeRequest\x1a\x19.gmv.v1.AttributionResult(\x01\x30\x01\x12>\n\x0cGetIndexInfo\x12\x1b.gmv.v1.GetIndexInfoRequest\x1a\x11.gmv.v1.IndexInfo\x12R\n\x0fListCollections\x12\x1e.gmv.v1.ListCollectionsRequest\x1a\x1f.gmv.v1.ListCollectionsResponse\x12I\n\x0cGetValuation\x12\x1b.gmv.v1.GetValuationRequest\x1a\x1c.gmv.v1.GetValuationResponse\x12R\n\x0fTopContributors\x12\x1e.gmv.v1.TopContributorsRequest\x1a\x1f.gmv.v1.TopContributorsResponseB\x1b\n\tio.gmv.v1P\x01Z\x0cgmv/v1;gmvv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gmv/v1/attribution.proto\x12\x06gmv.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x10\x41ttributeRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x13\n\x0bskip_ledger\x18\x05 \x01(\x08\x12\x12\n\ncollection\x18\x06 \x01(\t\"\x8d\x01\n\x06\x43redit\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0btraining_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontributor_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x01\x12\x10\n\x08\x64istance\x18\x06 \x01(\x01\x12\x0f\n\x07quality\x18\x07 \x01(\x01\";\n\x11\x43ontributorCredit\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x01\"\xdb\x01\n\x11\x41ttributionResult\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\x01\x12\x1f\n\x07\x63redits\x18\x03 \x03(\x0b\x32\x0e.gmv.v1.Credit\x12/\n\x0c\x63ontributors\x18\x04 \x03(\x0b\x32\x19.gmv.v1.ContributorCredit\x12#\n\x06ledger\x18\x05 \x01(\x0e\x32\x13.gmv.v1.LedgerState\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x18.gmv.v1.AttributionError\"1\n\x10\x41ttributionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\")\n\x13GetIndexInfoRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\x18\n\x16ListCollectionsRequest\"A\n\x17ListCollectionsResponse\x12&\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x11.gmv.v1.IndexInfo\"\x94\x03\n\tIndexInfo\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x13\n\x0b\x65ncoder_dim\x18\x04 \x01(\r\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0f\n\x07quality\x18\x07 \x01(\t\x12\x11\n\trow_count\x18\x08 \x01(\x04\x12\x12\n\nindex_type\x18\t \x01(\t\x12\x38\n\x0cindex_params\x18\n \x03(\x0b\x32\".gmv.v1.IndexInfo.IndexParamsEntry\x12:\n\rsearch_params\x18\x0b \x03(\x0b\x32#.gmv.v1.IndexInfo.SearchParamsEntry\x1a\x32\n\x10IndexParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11SearchParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb7\x01\n\x13GetValuationRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctraining_ids\x18\x03 \x03(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x12\n\ncollection\x18\x06 \x01(\t\"e\n\x12TrainingImageValue\x12\x13\n\x0btraining_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontributor_id\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x13\n\x0bgenerations\x18\x04 \x01(\x04\"m\n\x14GetValuationResponse\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.gmv.v1.TrainingImageValue\x12\x13\n\x0bgenerations\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_credit\x18\x03 \x01(\x01\"\xa4\x01\n\x16TopContributorsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\"g\n\x10\x43ontributorValue\x12\x16\n\x0e\x63ontributor_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x13\n\x0bgenerations\x18\x03 \x01(\x04\x12\x17\n\x0ftraining_images\x18\x04 \x01(\x04\"t\n\x17TopContributorsResponse\x12.\n\x0c\x63ontributors\x18\x01 \x03(\x0b\x32\x18.gmv.v1.ContributorValue\x12\x13\n\x0bgenerations\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_credit\x18\x03 \x01(\x01*\x80\x01\n\x0bLedgerState\x12\x1c\n\x18LEDGER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15LEDGER_STATE_RECORDED\x10\x01\x12\x19\n\x15LEDGER_STATE_REPLAYED\x10\x02\x12\x1d\n\x19LEDGER_STATE_NOT_RECORDED\x10\x03\x32\xcc\x03\n\x12\x41ttributionService\x12\x37\n\tAttribute\x12\x18.gmv.v1.AttributeRequest\x1a\x0e.gmv.v1.Credit0\x01\x12J\n\x0f\x41ttributeStream\x12\x18.gmv.v1.AttributeRequest\x1a\x19.gmv.v1.AttributionResult(\x01\x30\x01\x12>\n\x0cGetIndexInfo\x12\x1b.gmv.v1.GetIndexInfoRequest\x1a\x11.gmv.v1.IndexInfo\x12R\n\x0fListCollections\x12\x1e.gmv.v1.ListCollectionsRequest\x1a\x1f.gmv.v1.ListCollectionsResponse\x12I\n\x0cGetValuation\x12\x1b.gmv.v1.GetValuationRequest\x1a\x1c.gmv.v1.GetValuationResponse\x12R\n\x0fTopContributors\x12\x1e.gmv.v1.TopContributorsRequest\x1a\x1f.gmv.v1.TopContributorsResponseB\x1b\n\tio.gmv.v1P\x01Z\x0cgmv/v1;gmvv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_options = b'8\001'
   _globals['_INDEXINFO_SEARCHPARAMSENTRY']._loaded_options = None
   _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_LEDGERSTATE']._serialized_start=1923
-  _globals['_LEDGERSTATE']._serialized_end=2051
+  _globals['_LEDGERSTATE']._serialized_start=2015
+  _globals['_LEDGERSTATE']._serialized_end=2143
   _globals['_ATTRIBUTEREQUEST']._serialized_start=70
   _globals['_ATTRIBUTEREQUEST']._serialized_end=201
   _globals['_CREDIT']._serialized_start=204
@@ -46,31 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTRIBUTORCREDIT']._serialized_start=347
   _globals['_CONTRIBUTORCREDIT']._serialized_end=406
   _globals['_ATTRIBUTIONRESULT']._serialized_start=409
-  _globals['_ATTRIBUTIONRESULT']._serialized_end=587
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=589
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=630
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=632
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=656
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=658
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=723
-  _globals['_INDEXINFO']._serialized_start=726
-  _globals['_INDEXINFO']._serialized_end=1130
-  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_start=1027
-  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_end=1077
-  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_start=1079
-  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_end=1130
-  _globals['_GETVALUATIONREQUEST']._serialized_start=1133
-  _globals['_GETVALUATIONREQUEST']._serialized_end=1316
-  _globals['_TRAININGIMAGEVALUE']._serialized_start=1318
-  _globals['_TRAININGIMAGEVALUE']._serialized_end=1419
-  _globals['_GETVALUATIONRESPONSE']._serialized_start=1421
-  _globals['_GETVALUATIONRESPONSE']._serialized_end=1530
-  _globals['_TOPCONTRIBUTORSREQUEST']._serialized_start=1533
-  _globals['_TOPCONTRIBUTORSREQUEST']._serialized_end=1697
-  _globals['_CONTRIBUTORVALUE']._serialized_start=1699
-  _globals['_CONTRIBUTORVALUE']._serialized_end=1802
-  _globals['_TOPCONTRIBUTORSRESPONSE']._serialized_start=1804
-  _globals['_TOPCONTRIBUTORSRESPONSE']._serialized_end=1920
-  _globals['_ATTRIBUTIONSERVICE']._serialized_start=2054
-  _globals['_ATTRIBUTIONSERVICE']._serialized_end=2514
+  _globals['_ATTRIBUTIONRESULT']._serialized_end=628
+  _globals['_ATTRIBUTIONERROR']._serialized_start=630
+  _globals['_ATTRIBUTIONERROR']._serialized_end=679
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=681
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=722
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=724
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=748
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=750
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=815
+  _globals['_INDEXINFO']._serialized_start=818
+  _globals['_INDEXINFO']._serialized_end=1222
+  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_start=1119
+  _globals['_INDEXINFO_INDEXPARAMSENTRY']._serialized_end=1169
+  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_start=1171
+  _globals['_INDEXINFO_SEARCHPARAMSENTRY']._serialized_end=1222
+  _globals['_GETVALUATIONREQUEST']._serialized_start=1225
+  _globals['_GETVALUATIONREQUEST']._serialized_end=1408
+  _globals['_TRAININGIMAGEVALUE']._serialized_start=1410
+  _globals['_TRAININGIMAGEVALUE']._serialized_end=1511
+  _globals['_GETVALUATIONRESPONSE']._serialized_start=1513
+  _globals['_GETVALUATIONRESPONSE']._serialized_end=1622
+  _globals['_TOPCONTRIBUTORSREQUEST']._serialized_start=1625
+  _globals['_TOPCONTRIBUTORSREQUEST']._serialized_end=1789
+  _globals['_CONTRIBUTORVALUE']._serialized_start=1791
+  _globals['_CONTRIBUTORVALUE']._serialized_end=1894
+  _globals['_TOPCONTRIBUTORSRESPONSE']._serialized_start=1896
+  _globals['_TOPCONTRIBUTORSRESPONSE']._serialized_end=2012
+  _globals['_ATTRIBUTIONSERVICE']._serialized_start=2146
+  _globals['_ATTRIBUTIONSERVICE']._serialized_end=2606
 # @@protoc_insertion_point(module_scope)

@@ -64,18 +64,28 @@ class ContributorCredit(_message.Message):
     def __init__(self, contributor_id: _Optional[str] = ..., credit: _Optional[float] = ...) -> None: ...
 
 class AttributionResult(_message.Message):
-    __slots__ = ("generation_id", "quality", "credits", "contributors", "ledger")
+    __slots__ = ("generation_id", "quality", "credits", "contributors", "ledger", "error")
     GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     LEDGER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     generation_id: str
     quality: float
     credits: _containers.RepeatedCompositeFieldContainer[Credit]
     contributors: _containers.RepeatedCompositeFieldContainer[ContributorCredit]
     ledger: LedgerState
-    def __init__(self, generation_id: _Optional[str] = ..., quality: _Optional[float] = ..., credits: _Optional[_Iterable[_Union[Credit, _Mapping]]] = ..., contributors: _Optional[_Iterable[_Union[ContributorCredit, _Mapping]]] = ..., ledger: _Optional[_Union[LedgerState, str]] = ...) -> None: ...
+    error: AttributionError
+    def __init__(self, generation_id: _Optional[str] = ..., quality: _Optional[float] = ..., credits: _Optional[_Iterable[_Union[Credit, _Mapping]]] = ..., contributors: _Optional[_Iterable[_Union[ContributorCredit, _Mapping]]] = ..., ledger: _Optional[_Union[LedgerState, str]] = ..., error: _Optional[_Union[AttributionError, _Mapping]] = ...) -> None: ...
+
+class AttributionError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetIndexInfoRequest(_message.Message):
     __slots__ = ("collection",)

@@ -78,8 +78,11 @@ class AttributionServiceServicer:
 
     def AttributeStream(self, request_iterator, context):
         """Many generations over one call. Each result carries its generation_id and all its
-        credits; results may arrive in any order (as their batches finish). An error in one
-        request ends the call with that request's status.
+        credits; results may arrive in any order (as their batches finish). A request that fails
+        (a bad image, an unknown collection, ...) comes back as a result with `error` set, and the
+        stream goes on. The server reads a stream only as fast as it computes it (at most the
+        server's max_stream_in_flight requests of one stream are in flight), so a stream of any
+        length is never refused with RESOURCE_EXHAUSTED for its own size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,6 +70,9 @@ def through_server(target: str, heldout, collection: str) -> int:
     same_class = []
     for result in sorted(results, key=lambda r: r.generation_id):
         path, label = labels[result.generation_id]
+        if result.error_code:
+            print(f"\nheld-out digit {label} ({result.generation_id}) failed: {result.error_code}: {result.error_message}")
+            continue
         print(f"\nheld-out digit {label} ({result.generation_id}, {result.ledger} in the ledger):")
         print(format_table(result.generation_id, path, result))
         same_class.append(sum(c.contributor_id == f"digit-{label}" for c in result.credits) / len(result.credits))
