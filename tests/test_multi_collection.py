@@ -128,11 +128,17 @@ def _ledger_generations(server) -> int:
 def test_cli_through_the_server_with_collection_tenant_prefix_and_no_record(server, digits, two_collections):
     paths = [str(path) for path, _, _ in read_heldout(digits.heldout)[20:22]]
     before = _ledger_generations(server)
-    run = _gmv("attribute", *paths, "--server", server["target"], "--collection", HIGH, "--tenant", "t",
+    # As a user runs it: a/0001.png and b/0001.png, two images under one file stem.
+    folders = Path(server["log"]).parent / "generated"
+    same_stem = []
+    for folder, source in zip("ab", paths):
+        (folders / folder).mkdir(parents=True, exist_ok=True)
+        same_stem.append(str(shutil.copy(source, folders / folder / "0001.png")))
+    run = _gmv("attribute", *same_stem, "--server", server["target"], "--collection", HIGH, "--tenant", "t",
                "--id-prefix", "run1-", "--no-record", "--json")
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["generation_id"] for r in records] == [f"run1-{Path(p).stem}" for p in paths]
+    assert [(r["generation_id"], r["image"]) for r in records] == [("run1-0001", p) for p in same_stem]
     assert all({c["contributor_id"] for c in r["credits"]} <= two_collections[HIGH] for r in records)
     assert _ledger_generations(server) == before  # --no-record: the ledger is unchanged
 
