@@ -7,6 +7,7 @@ costs tens of milliseconds per generated image, while popular training images re
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Iterable
 
@@ -20,8 +21,14 @@ class FeatureCache:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()  # the server's batch lanes share one cache
+
 
     def get_many(self, pks: Iterable[int]) -> dict[int, np.ndarray]:
+        with self._lock:
+            return self._get_many(pks)
+
+    def _get_many(self, pks: Iterable[int]) -> dict[int, np.ndarray]:
         found = {}
         for pk in pks:
             vector = self._items.get(pk)
@@ -34,6 +41,10 @@ class FeatureCache:
         return found
 
     def put_many(self, features: dict[int, np.ndarray]) -> None:
+        with self._lock:
+            self._put_many(features)
+
+    def _put_many(self, features: dict[int, np.ndarray]) -> None:
         for pk, vector in features.items():
             if pk in self._items or vector.nbytes > self.max_bytes:
                 continue

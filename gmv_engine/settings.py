@@ -91,7 +91,15 @@ class Settings:
     metrics_port: int = setting(0, "Prometheus /metrics port; 0: no metrics endpoint", "serving")
     max_batch_size: int = setting(32, "generated images per model batch", "serving")
     max_queue_delay_ms: float = setting(5.0, "how long the first request of a batch waits for company", "serving")
-    max_queue_size: int = setting(256, "waiting requests past which callers get RESOURCE_EXHAUSTED", "serving")
+    max_queue_size: int = setting(256, "requests in progress (decoding, queued, running, recording) past which "
+                                       "unary callers get RESOURCE_EXHAUSTED and streams wait", "serving")
+    max_tenant_queue_share: float = setting(0.5, "the part of max_queue_size one tenant's requests may hold, so a "
+                                                 "flood leaves room for the others", "serving")
+    batch_lanes: int = setting(2, "batches run at once; with 2 or more, one tenant may hold all lanes but one, so "
+                                  "a flood leaves a lane for the others", "serving")
+    queue_policy: str = setting("fair", "fair: batches filled round-robin over tenants, then over each tenant's "
+                                        "streams; fifo: arrival order (for comparison)", "serving",
+                                choices=("fair", "fifo"))
     max_stream_in_flight: int = setting(64, "requests of one AttributeStream in flight at once; the stream is "
                                             "read no faster (backpressure)", "serving")
     max_id_bytes: int = setting(128, "longest generation_id or tenant_id accepted, in UTF-8 bytes", "serving")
@@ -137,6 +145,10 @@ class Settings:
                 allowed = _registry_names(choices) if isinstance(choices, str) else choices
                 if value not in allowed:
                     raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, not '{value}'")
+        if self.batch_lanes < 1:
+            raise ValueError(f"batch_lanes must be at least 1, not {self.batch_lanes}")
+        if not 0 < self.max_tenant_queue_share <= 1:
+            raise ValueError(f"max_tenant_queue_share must be in (0, 1], not {self.max_tenant_queue_share}")
         self.check_query()
 
     def check_query(self) -> None:

@@ -1,10 +1,12 @@
 """The dynamic batcher on its own: coalescing, bounded queue, deadlines (no server needed)."""
 import asyncio
+import contextlib
 import threading
 import time
 
 import pytest
 
+from gmv_server.admission import Admission
 from gmv_server.batcher import DeadlinePassedError, DynamicBatcher, QueueFullError
 from gmv_server.metrics import ServerMetrics
 
@@ -35,25 +37,15 @@ def test_concurrent_requests_are_coalesced_and_uncrossed():
     assert [len(b) for b in batches] == [8, 8, 4]
 
 
-def test_full_queue_is_refused_at_once():
-    started = threading.Event()
-
-    def slow(images, top_ks):
-        started.set()
-        time.sleep(0.3)
-        return [None] * len(images)
-
+def test_full_admission_is_refused_at_once():
     async def main():
-        batcher = DynamicBatcher(slow, ServerMetrics(), max_batch_size=1, max_queue_delay_s=0, max_queue_size=2)
-        batcher.start()
-        first = asyncio.create_task(batcher.submit("a", 1, None))
-        await asyncio.to_thread(started.wait)  # "a" is running; the queue is empty again
-        queued = [asyncio.create_task(batcher.submit(x, 1, None)) for x in "bc"]
-        await asyncio.sleep(0)
-        with pytest.raises(QueueFullError):
-            await batcher.submit("d", 1, None)
-        await asyncio.gather(first, *queued)
-        await batcher.stop()
+        admission = Admission(max_requests=2, tenant_share=1.0, metrics=ServerMetrics())
+        async with admission.admit("a"), admission.admit("b"):
+            with pytest.raises(QueueFullError, match="2 requests in progress"):
+                async with admission.admit("c"):
+                    pass
+        async with admission.admit("c"):  # places are given back when requests end
+            pass
 
     asyncio.run(main())
 
@@ -109,3 +101,102 @@ def test_one_failing_request_fails_only_itself():
     a, bad, c = asyncio.run(main())
     assert (a, c) == ("ok:a", "ok:c")
     assert isinstance(bad, ValueError)
+
+
+def gated_runner():
+    """A runner whose first batch blocks until released, recording every batch's items."""
+    gate, started, batches = threading.Event(), threading.Event(), []
+
+    def run(images, top_ks):
+        batches.append(list(images))
+        started.set()
+        gate.wait(5)
+        return list(images)
+
+    return run, gate, started, batches
+
+
+@pytest.mark.parametrize("policy", ["fair", "fifo"])
+def test_a_flooding_tenant_does_not_delay_another_tenants_request(policy):
+    run, gate, started, batches = gated_runner()
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=4, max_queue_delay_s=0, max_queue_size=64,
+                                 queue_policy=policy)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit("a-first", 1, None, tenant="a"))
+        await asyncio.to_thread(started.wait)
+        flood = [asyncio.create_task(batcher.submit(f"a{i}", 1, None, tenant="a")) for i in range(20)]
+        await asyncio.sleep(0)
+        victim = asyncio.create_task(batcher.submit("b", 1, None, tenant="b"))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(first, victim, *flood)
+        await batcher.stop()
+
+    asyncio.run(main())
+    batch_of_b = next(i for i, batch in enumerate(batches) if "b" in batch)
+    if policy == "fair":
+        assert batch_of_b == 1 and batches[1][:2] == ["a0", "b"]  # the very next batch, taken in turn
+    else:
+        assert batch_of_b == len(batches) - 1  # arrival order: behind the whole flood
+
+
+def test_a_tenant_is_refused_past_its_share_while_others_get_in():
+    async def main():
+        admission = Admission(max_requests=8, tenant_share=0.5, metrics=ServerMetrics())
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(4):
+                await held.enter_async_context(admission.admit("a"))
+            with pytest.raises(QueueFullError, match="tenant 'a'"):
+                await held.enter_async_context(admission.admit("a"))
+            for _ in range(4):
+                await held.enter_async_context(admission.admit("b"))
+            with pytest.raises(QueueFullError, match="8 requests in progress"):
+                await held.enter_async_context(admission.admit("c"))
+
+    asyncio.run(main())
+
+
+def test_a_streams_item_waits_for_a_place_instead_of_failing():
+    async def main():
+        admission = Admission(max_requests=2, tenant_share=1.0, metrics=ServerMetrics())
+        entered = []
+
+        async def item(i, hold_s):
+            async with admission.admit("a", wait=True):
+                entered.append(i)
+                await asyncio.sleep(hold_s)
+
+        tasks = [asyncio.create_task(item(i, 0.05)) for i in range(6)]
+        await asyncio.sleep(0.01)
+        assert len(entered) == 2  # the rest wait, none refused
+        await asyncio.gather(*tasks)
+        return entered
+
+    assert sorted(asyncio.run(main())) == list(range(6))
+
+
+def test_with_two_lanes_a_flood_leaves_a_lane_for_another_tenant():
+    gate, flood_started, batches = threading.Event(), threading.Event(), []
+
+    def run(images, top_ks):
+        batches.append(list(images))
+        if images[0].startswith("a"):
+            flood_started.set()
+            gate.wait(5)  # the flood's batch is slow
+        return list(images)
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=4, max_queue_delay_s=0, lanes=2)
+        batcher.start()
+        flood = [asyncio.create_task(batcher.submit(f"a{i}", 1, None, tenant="a")) for i in range(12)]
+        await asyncio.to_thread(flood_started.wait)
+        victim = await asyncio.wait_for(batcher.submit("b", 1, None, tenant="b"), 2)  # not behind the flood
+        assert sum(1 for batch in batches if batch[0].startswith("a")) == 1  # the flood held one lane only
+        gate.set()
+        await asyncio.gather(*flood)
+        await batcher.stop()
+        return victim
+
+    assert asyncio.run(main()) == "b"

@@ -31,7 +31,7 @@ from gmv_engine.models import ModelPool
 from gmv_engine.pipeline import Attributor, attribute_batch
 from gmv_engine.settings import Settings
 
-from .batcher import DynamicBatcher
+from .batcher import UNARY, DynamicBatcher
 from .ledger_writer import LedgerWriter
 from .metrics import ServerMetrics
 
@@ -53,6 +53,7 @@ class AttributionRequest:
     tenant_id: str = ""
     record: bool = True
     deadline: float | None = None  # time.monotonic() seconds
+    stream: str = ""  # "": a unary call; else the stream it came on (its own flow in the fair queue)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class AttributionService:
                 await asyncio.to_thread(attributor.attribute, [warm_image])
         self.descriptions = {name: describe(index, a) for name, a in attributors.items()}
         self.batcher = DynamicBatcher(self._run_batch, self.metrics, self.settings.max_batch_size,
-                                      self.settings.max_queue_delay_ms / 1000.0, self.settings.max_queue_size)
+                                      self.settings.max_queue_delay_ms / 1000.0, self.settings.max_queue_size,
+                                      self.settings.max_tenant_queue_share, self.settings.queue_policy,
+                                      self.settings.batch_lanes)
         self.batcher.start()
         self.attributors = attributors
 
@@ -160,6 +163,11 @@ class AttributionService:
         self.check_id("tenant_id", request.tenant_id)
         top_k = request.top_k or self.settings.top_k
         attributor.check_top_k(top_k, 1)
+        async with self.batcher.admission.admit(request.tenant_id, wait=bool(request.stream), deadline=request.deadline):
+            return await self._attribute(request, collection, attributor, top_k, started)
+
+    async def _attribute(self, request: AttributionRequest, collection: str, attributor: Attributor, top_k: int,
+                         started: float) -> AttributionOutcome:
         record = request.record and self.ledger is not None
         image_hash = image_sha256(request.image)
         if record:
@@ -170,7 +178,8 @@ class AttributionService:
         decode_started = time.perf_counter()
         image = await asyncio.to_thread(decode_image, request.image, attributor.limits)
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - decode_started)
-        result = await self.batcher.submit((attributor, image), top_k, request.deadline)
+        result = await self.batcher.submit((attributor, image), top_k, request.deadline, request.tenant_id,
+                                           request.stream or UNARY)
         self.metrics.generations.labels(collection=collection).inc()
         if not record:
             return self._finish(collection, started, result, NOT_RECORDED)

@@ -2,17 +2,23 @@
 `max_queue_delay_s` of the first waiting one are run as one model batch, up to
 `max_batch_size`, so the GPU sees batches instead of single images.
 
-The queue is bounded (a full queue is refused at once: RESOURCE_EXHAUSTED), and a request
-whose deadline passed while it waited is dropped, not computed. Batches run one at a time
-on a worker thread, so the event loop keeps accepting calls while the models work.
+The queue is shared fairly: each request belongs to a flow (its tenant, and within the
+tenant its stream or "unary"), and batches are filled round-robin over tenants, then over
+each tenant's flows, so a tenant that floods waits behind its own requests while another
+tenant's request goes into the next batch; and with two lanes or more, one tenant never
+holds every lane. How many requests may be in progress at all is admission's to say
+(admission.py). A request whose deadline passed or whose caller went away while it waited
+is dropped, not computed. Batches run on worker threads, so the event loop keeps accepting
+calls while the models work.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Container, Sequence
 
 from PIL import Image
 
@@ -26,7 +32,7 @@ log = logging.getLogger("gmv.server.batcher")
 
 
 class QueueFullError(Exception):
-    """The batcher's queue is at max_queue_size."""
+    """The batcher's queue, or the tenant's share of it, is full."""
 
 
 class DeadlinePassedError(Exception):
@@ -50,80 +56,170 @@ class _Pending:
     future: asyncio.Future
     enqueued: float
     generation_id: str = ""  # for the log lines of its batch
+    tenant: str = ""
+
+
+Flow = tuple[str, str]  # (tenant, stream within the tenant)
+UNARY = "unary"  # the flow of a tenant's unary calls
+
+
+class FairQueue:
+    """Waiting requests per flow, taken round-robin over tenants, then over a tenant's flows
+    (policy "fair"); policy "fifo" puts every request in one flow (arrival order). Unbounded
+    itself: admission (admission.py) bounds what reaches it."""
+
+    def __init__(self, policy: str = "fair"):
+        if policy not in ("fair", "fifo"):
+            raise ValueError(f"queue policy must be fair or fifo, not {policy!r}")
+        self.policy = policy
+        self._tenants: OrderedDict[str, OrderedDict[str, deque]] = OrderedDict()  # round-robin order
+        self._size = 0
+        self._changed = asyncio.Event()  # set on every put, and when a lane frees a tenant
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, flow: Flow, pending: "_Pending") -> None:
+        tenant, stream = flow if self.policy == "fair" else ("", "")
+        self._tenants.setdefault(tenant, OrderedDict()).setdefault(stream, deque()).append(pending)
+        self._size += 1
+        self.notify()
+
+    def take(self, excluded: Container[str] = ()) -> "_Pending | None":
+        """The next request in turn, skipping tenants in `excluded`; None when there is none."""
+        for tenant, flows in self._tenants.items():
+            if tenant in excluded:
+                continue
+            stream, waiting = next(iter(flows.items()))
+            pending = waiting.popleft()
+            # The flow goes to the back of its tenant's line, the tenant to the back of the queue's.
+            if waiting:
+                flows.move_to_end(stream)
+            else:
+                del flows[stream]
+            if flows:
+                self._tenants.move_to_end(tenant)
+            else:
+                del self._tenants[tenant]
+            self._size -= 1
+            return pending
+        return None
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    async def changed(self, timeout_s: float | None = None) -> None:
+        """Wait until a request is put or a tenant freed (asyncio.TimeoutError after timeout_s)."""
+        self._changed.clear()
+        await asyncio.wait_for(self._changed.wait(), timeout_s)
 
 
 class DynamicBatcher:
+    """Batches from the fair queue, run on `lanes` worker threads at once (as Triton's model
+    instances). With more than one lane, one tenant may occupy all lanes but one, so a flood
+    leaves a lane on which another tenant's request runs at once instead of waiting for the
+    flood's batch to finish."""
+
     def __init__(self, run_batch: RunBatch, metrics: ServerMetrics, max_batch_size: int = 32,
-                 max_queue_delay_s: float = 0.005, max_queue_size: int = 256):
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1 and max_queue_delay >= 0")
+                 max_queue_delay_s: float = 0.005, max_queue_size: int = 256, max_tenant_queue_share: float = 1.0,
+                 queue_policy: str = "fair", lanes: int = 1):
+        if max_batch_size < 1 or max_queue_delay_s < 0 or lanes < 1:
+            raise ValueError("max_batch_size and lanes must be >= 1 and max_queue_delay >= 0")
+        from .admission import Admission  # admission raises this module's errors
+
         self.run_batch = run_batch
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_size)
-        self._task: asyncio.Task | None = None
-        metrics.queue_capacity.set(max_queue_size)
+        self.admission = Admission(max_queue_size, max_tenant_queue_share, metrics)
+        self._queue = FairQueue(queue_policy)
+        self.lanes = lanes
+        self._max_lanes_per_tenant = lanes - 1 if lanes > 1 and queue_policy == "fair" else lanes
+        self._lanes_of: dict[str, int] = {}  # tenant -> lanes running a batch with its requests
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run()) for _ in range(self.lanes)]
 
-    async def submit(self, image: Image.Image, top_k: int, deadline: float | None) -> Attribution:
+    async def submit(self, image: Image.Image, top_k: int, deadline: float | None, tenant: str = "",
+                     flow: str = UNARY) -> Attribution:
+        """The request's result, once its turn in the fair queue came and its batch ran."""
         future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Pending(image, top_k, deadline, future, time.monotonic(), generation_id.get()))
-        except asyncio.QueueFull:
-            raise QueueFullError(f"the server's queue is full ({self._queue.maxsize} waiting); retry with backoff") from None
-        self.metrics.queue_depth.set(self._queue.qsize())
+        self._queue.put((tenant, flow), _Pending(image, top_k, deadline, future, time.monotonic(), generation_id.get(),
+                                                 tenant))
+        self.metrics.queue_depth.set(len(self._queue))
         return await future
 
+    def _busy_tenants(self) -> set[str]:
+        return {t for t, n in self._lanes_of.items() if n >= self._max_lanes_per_tenant}
+
     async def _next_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
+        while (first := self._queue.take(self._busy_tenants())) is None:
+            await self._queue.changed()
+        batch = [first]
         closes = time.monotonic() + self.max_queue_delay_s
         while len(batch) < self.max_batch_size:
+            pending = self._queue.take(self._busy_tenants())
+            if pending is not None:
+                batch.append(pending)
+                continue
             remaining = closes - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                await self._queue.changed(remaining)
             except asyncio.TimeoutError:
                 break
-        self.metrics.queue_depth.set(self._queue.qsize())
+        self.metrics.queue_depth.set(len(self._queue))
         return batch
 
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
-            now = time.monotonic()
-            live = []
-            for pending in batch:
-                if pending.future.done():  # the caller went away (cancelled, or its stream ended)
-                    self.metrics.cancelled_drops.inc()
-                    continue
-                if pending.deadline is not None and now >= pending.deadline:
-                    self.metrics.deadline_drops.inc()
-                    pending.future.set_exception(DeadlinePassedError("the deadline passed while the request was queued"))
-                    continue
-                self.metrics.queue_seconds.observe(now - pending.enqueued)
-                live.append(pending)
-            if not live:
-                continue
-            started = time.perf_counter()
-            ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
+            tenants = {p.tenant for p in batch}
+            for tenant in tenants:
+                self._lanes_of[tenant] = self._lanes_of.get(tenant, 0) + 1
             try:
-                results = await asyncio.to_thread(self._run_isolating, live)
+                await self._run_batch(batch)
             finally:
-                generation_ids.reset(ids)
-            self.metrics.batch_executions.inc()
-            self.metrics.batch_size.observe(len(live))
-            self.metrics.compute_seconds.observe(time.perf_counter() - started)
-            for pending, result in zip(live, results):
-                if pending.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
+                for tenant in tenants:
+                    self._lanes_of[tenant] -= 1
+                    if not self._lanes_of[tenant]:
+                        del self._lanes_of[tenant]
+                self._queue.notify()  # its tenants may take a lane again
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            if pending.future.done():  # the caller went away (cancelled, or its stream ended)
+                self.metrics.cancelled_drops.inc()
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                self.metrics.deadline_drops.inc()
+                pending.future.set_exception(DeadlinePassedError("the deadline passed while the request was queued"))
+                continue
+            self.metrics.queue_seconds.observe(now - pending.enqueued)
+            live.append(pending)
+        if not live:
+            return
+        started = time.perf_counter()
+        ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
+        try:
+            results = await asyncio.to_thread(self._run_isolating, live)
+        finally:
+            generation_ids.reset(ids)
+        self.metrics.batch_executions.inc()
+        self.metrics.batch_size.observe(len(live))
+        self.metrics.compute_seconds.observe(time.perf_counter() - started)
+        for pending, result in zip(live, results):
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
 
     def _run_isolating(self, live: list[_Pending]) -> list:
         """One result per request, or the exception that request alone causes: when a batch fails,
@@ -145,13 +241,13 @@ class DynamicBatcher:
         return outcomes
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
+        while (pending := self._queue.take()) is not None:
             if not pending.future.done():
                 pending.future.set_exception(ShuttingDownError("the server is shutting down"))

@@ -4,6 +4,7 @@ lives here (see attribution_service.py)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import AsyncIterator
@@ -75,17 +76,19 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
     def __init__(self, service: AttributionService):
         self.service = service
         self.metrics = service.metrics
+        self._streams = itertools.count(1)
 
-    def _request(self, message: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> AttributionRequest:
+    def _request(self, message: pb.AttributeRequest, context: grpc.aio.ServicerContext,
+                 stream: str = "") -> AttributionRequest:
         remaining = context.time_remaining()
         return AttributionRequest(
             generation_id=message.generation_id, image=message.image, collection=message.collection,
             top_k=message.top_k, tenant_id=message.tenant_id, record=not message.skip_ledger,
-            deadline=time.monotonic() + remaining if remaining is not None else None)
+            deadline=time.monotonic() + remaining if remaining is not None else None, stream=stream)
 
-    async def _attribute(self, message: pb.AttributeRequest, context) -> AttributionOutcome:
+    async def _attribute(self, message: pb.AttributeRequest, context, stream: str = "") -> AttributionOutcome:
         current_generation_id.set(loggable(message.generation_id))  # the calling task's context: _fail's lines too
-        return await self.service.attribute(self._request(message, context))
+        return await self.service.attribute(self._request(message, context, stream))
 
     def _count(self, method: str, code: grpc.StatusCode, collection: str) -> None:
         self.metrics.requests.labels(method, code.name, self.service.served_label(collection)).inc()
@@ -123,10 +126,11 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         outstanding = 0
         reading_done = asyncio.Event()
         collections: set[str] = set()
+        stream = f"stream-{next(self._streams)}"  # its own flow in the fair queue
 
         async def attribute_one(request):
             try:
-                await finished.put((request, await self._attribute(request, context), None))
+                await finished.put((request, await self._attribute(request, context, stream), None))
             except Exception as exc:  # noqa: BLE001 - the request's own outcome, sent as its result
                 await finished.put((request, None, exc))
 

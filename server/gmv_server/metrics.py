@@ -56,6 +56,11 @@ class ServerMetrics:
         self.queue_depth = Gauge("gmv_queue_depth", "Requests waiting in the batcher's queue", registry=r)
         self.queue_capacity = Gauge("gmv_queue_capacity", "max_queue_size: the queue depth past which "
                                     "requests are refused with RESOURCE_EXHAUSTED", registry=r)
+        self.queue_rejections = Counter("gmv_queue_rejected", "Unary requests refused with RESOURCE_EXHAUSTED, by "
+                                        "reason: queue (max_queue_size) or tenant (its max_tenant_queue_share)",
+                                        ["reason"], registry=r)
+        for reason in ("queue", "tenant"):
+            self.queue_rejections.labels(reason=reason)
         self.compute_seconds = Histogram("gmv_batch_compute_seconds", "Time to run one batch through the pipeline",
                                          buckets=LATENCY_BUCKETS, registry=r)
         # One histogram per pipeline stage (label `stage`), so a dashboard can show where the time goes.
