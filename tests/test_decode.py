@@ -69,3 +69,53 @@ def test_rejects_unaccepted_format():
 def test_missing_file(tmp_path):
     with pytest.raises(InvalidImageError, match="cannot read"):
         load_image_file(tmp_path / "absent.png")
+
+
+def _frames(fmt: str, count: int) -> bytes:
+    frames = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_formats_beyond_the_protos_are_refused_for_queries_but_read_from_training_folders(fmt, tmp_path):
+    data = encoded(fmt)
+    with pytest.raises(InvalidImageError, match="not accepted"):
+        decode_image(data)
+    path = tmp_path / f"train.{fmt.lower()}"
+    path.write_bytes(data)
+    assert load_image_file(path)[0].size == (32, 24)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_trailing_bytes_are_refused(fmt):
+    with pytest.raises(InvalidImageError, match="bytes follow the end"):
+        decode_image(encoded(fmt) + b"\0" * 100)
+    decode_image(encoded(fmt))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_animations_are_refused(fmt):
+    with pytest.raises(InvalidImageError, match="animated"):
+        decode_image(_frames(fmt, 3))
+    decode_image(_frames(fmt, 1))
+
+
+def test_progressive_and_exif_jpegs_end_where_they_end():
+    buffer = io.BytesIO()
+    image = Image.effect_noise((64, 48), 60).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(buffer, format="JPEG", progressive=True, exif=exif, quality=90)
+    assert decode_image(buffer.getvalue()).size == (48, 64)  # rotated upright, and not refused
+
+
+def test_a_phones_multi_picture_jpeg_is_read_as_its_first_picture():
+    frames = [Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 200))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="MPO", save_all=True, append_images=frames[1:])
+    image = decode_image(buffer.getvalue())
+    assert image.size == (32, 32) and image.getpixel((0, 0))[0] > 150
+    with pytest.raises(InvalidImageError, match="bytes follow the end"):
+        decode_image(buffer.getvalue() + b"junk")

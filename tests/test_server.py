@@ -296,3 +296,47 @@ def test_ledger_queries_refuse_an_empty_window(server):
             client.top_contributors(since=200.0, until=100.0)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "until must be after since" in caught.value.details()
         assert client.valuation(since=0.0, until=1.0).generations == 0  # 1970: nothing recorded then
+
+
+def _raw_attribute_request(generation_id: bytes, image: bytes) -> bytes:
+    """An AttributeRequest on the wire, built by hand: field 1 (generation_id) may hold bytes
+    that are not UTF-8, which protobuf's own serializer refuses to write."""
+    def field(number: int, value: bytes) -> bytes:
+        return bytes([number << 3 | 2]) + _varint(len(value)) + value
+    return field(1, generation_id) + field(2, image)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("payload", [
+    _raw_attribute_request(b"gen-\xff\xfe", b"x"),  # a string field that is not UTF-8
+    b"\x0a\xff\xff\xff\xff\x0f",  # a length past the end of the message
+    b"\xff\xff\xff",  # not a message at all
+], ids=["invalid-utf8", "truncated", "garbage"])
+def test_malformed_requests_get_invalid_argument_not_unknown(server, images, payload):
+    identity = lambda data: data  # noqa: E731 - send the bytes as they are
+    attribute = server["channel"].unary_stream(f"/{SERVICE}/Attribute", request_serializer=identity,
+                                              response_deserializer=pb.Credit.FromString)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(attribute(payload, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    info = server["channel"].unary_unary(f"/{SERVICE}/GetIndexInfo", request_serializer=identity,
+                                         response_deserializer=pb.IndexInfo.FromString)
+    with pytest.raises(grpc.RpcError) as caught:
+        info(b"\x0a\x02\xff\xfe", timeout=30)  # collection: not UTF-8
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    stream = server["channel"].stream_stream(f"/{SERVICE}/AttributeStream", request_serializer=identity,
+                                             response_deserializer=pb.AttributionResult.FromString)
+    good = pb.AttributeRequest(generation_id="malformed-neighbour", image=images[0][1], skip_ledger=True)
+    results = list(stream(iter([payload, good.SerializeToString()]), timeout=30))
+    assert len(results) == 2
+    failed = [r for r in results if r.HasField("error")]
+    assert len(failed) == 1 and failed[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert any(r.generation_id == "malformed-neighbour" and len(r.credits) == 10 for r in results)

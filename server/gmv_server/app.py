@@ -11,14 +11,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gmv.v1 import attribution_pb2 as pb
-from gmv.v1 import attribution_pb2_grpc as pb_grpc
 from gmv_engine.ledger import Ledger
 from gmv_engine.milvus.index import TrainingIndex
 from gmv_engine.models import pick_device
 from gmv_engine.settings import Settings
 
 from .attribution_service import AttributionService
-from .grpc_service import GrpcAttributionService
+from .grpc_service import GrpcAttributionService, add_to_server
 from .metrics import ServerMetrics, package_version
 
 log = logging.getLogger("gmv.server")
@@ -56,7 +55,7 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_message_mb * 1024 * 1024)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service = AttributionService(settings, ledger, metrics)
-    pb_grpc.add_AttributionServiceServicer_to_server(GrpcAttributionService(service), server)
+    add_to_server(GrpcAttributionService(service), server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()

@@ -139,6 +139,9 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
             async for request in request_iterator:
                 await slots.acquire()
                 outstanding += 1
+                if isinstance(request, MalformedRequest):  # this item fails; the stream goes on
+                    await finished.put((pb.AttributeRequest(), None, InvalidArgumentError(request.message)))
+                    continue
                 tasks.add(asyncio.create_task(attribute_one(request)))
             reading_done.set()
 
@@ -227,6 +230,60 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
             contributors=[pb.ContributorValue(contributor_id=c.contributor_id, value=c.value, generations=c.generations,
                                               training_images=c.training_images) for c in contributors],
             generations=generations, total_credit=total)
+
+
+class MalformedRequest:
+    """What a request that does not parse (bytes that are not the message, a string field that
+    is not UTF-8) becomes, so the method answers INVALID_ARGUMENT rather than gRPC's UNKNOWN."""
+
+    def __init__(self, error: Exception):
+        self.message = f"the request is not a valid gmv.v1 message (malformed bytes, or a string that is not UTF-8): {error}"
+
+
+def add_to_server(servicer: GrpcAttributionService, server: grpc.aio.Server) -> None:
+    """Register every method of the .proto's service with deserializers that never raise."""
+    from google.protobuf import message_factory
+
+    descriptor = pb.DESCRIPTOR.services_by_name["AttributionService"]
+    handlers = {}
+    for method in descriptor.methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+                }[(method.client_streaming, method.server_streaming)]
+        behavior = getattr(servicer, method.name)
+        if not method.client_streaming:
+            behavior = _refusing_malformed(servicer, method.name, behavior, method.server_streaming)
+        handlers[method.name] = make(behavior, request_deserializer=_tolerant(request_type),
+                                     response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+
+
+def _tolerant(request_type):
+    def deserialize(data: bytes):
+        try:
+            return request_type.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, and upb's errors for bad UTF-8
+            return MalformedRequest(exc)
+    return deserialize
+
+
+def _refusing_malformed(servicer: GrpcAttributionService, name: str, behavior, server_streaming: bool):
+    if server_streaming:
+        async def streaming(request, context):
+            if isinstance(request, MalformedRequest):
+                await servicer._fail(name, context, InvalidArgumentError(request.message))
+                return
+            async for response in behavior(request, context):
+                yield response
+        return streaming
+
+    async def unary(request, context):
+        if isinstance(request, MalformedRequest):
+            await servicer._fail(name, context, InvalidArgumentError(request.message))
+        return await behavior(request, context)
+    return unary
 
 
 def to_index_info(description: CollectionDescription) -> pb.IndexInfo:
