@@ -19,15 +19,13 @@ import os
 import random
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
 import numpy as np
 
-from common import digits_on_embedded_milvus
+from common import digits_on_embedded_milvus, serving
 
 
 def main() -> None:
@@ -42,7 +40,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    from gmv_client import GMVClient
     from gmv_engine.datasets import read_heldout
     from gmv_engine.milvus.embedded import free_port
 
@@ -56,24 +53,11 @@ def main() -> None:
               "p99 flood / idle | flood OK | flood refusals (resent) | flood gen/s |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for policy in args.policies.split(","):
-            port = free_port()
-            server = subprocess.Popen(
-                [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "bench_fair", "--port", str(port),
-                 "--queue-policy", policy, "--max-batch-size", str(args.max_batch_size),
-                 "--milvus-uri", bench.milvus_uri, "--device", bench.device, "--host", "127.0.0.1",
-                 "--data-dir", tempfile.mkdtemp(prefix="gmv-bench-ledger-")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                target = f"127.0.0.1:{port}"
-                with GMVClient(target) as client:
-                    client.wait_until_ready()
-                    for i, data in enumerate(images[:32]):  # warm the feature cache, the models and the ledger
-                        client.attribute(data, f"warm-{i}", tenant_id="probe")
+            flags = ("--queue-policy", policy, "--max-batch-size", str(args.max_batch_size))
+            warm = list(enumerate(images[:32]))
+            with serving(bench, "bench_fair", free_port(), *flags, warm=warm, tenant_id="probe") as target:
                 row = asyncio.run(_phases(target, images, args))
                 print(f"| {policy} | " + " | ".join(row), flush=True)
-            finally:
-                server.terminate()
-                server.wait(timeout=60)
 
 
 async def _probe(stub, pb, images, count: int, stop: asyncio.Event | None = None) -> list[float]:

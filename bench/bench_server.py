@@ -16,21 +16,20 @@ import concurrent.futures
 import os
 import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 import urllib.request
 
 import numpy as np
 
-from common import digits_on_embedded_milvus
+from common import digits_on_embedded_milvus, serving
 
 
 def scrape(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+    # Summed over label sets (generations are counted per collection).
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def main() -> None:
@@ -44,7 +43,6 @@ def main() -> None:
     parser.add_argument("--ledger", default="record,skip", help="record: ids recorded in the ledger; skip: previews")
     args = parser.parse_args()
 
-    from gmv_client import GMVClient
     from gmv_engine.datasets import read_heldout
     from gmv_engine.milvus.embedded import free_port
 
@@ -58,24 +56,12 @@ def main() -> None:
         print("|---:|---:|---|---:|---:|---:|---:|")
         for max_batch in [int(b) for b in args.batch_sizes.split(",")]:
             port, metrics_port = free_port(), free_port()
-            server = subprocess.Popen(
-                [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "bench_serve", "--port", str(port),
-                 "--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms",
-                 str(args.max_queue_delay_ms), "--milvus-uri", bench.milvus_uri, "--device", device, "--host", "127.0.0.1",
-                 "--data-dir", tempfile.mkdtemp(prefix="gmv-bench-ledger-")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                target = f"127.0.0.1:{port}"
-                with GMVClient(target) as client:
-                    client.wait_until_ready()
-                    for gid, data in images[:16]:  # warm the feature cache, the models and the ledger
-                        client.attribute(data, f"warm-{gid}")
+            flags = ("--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch),
+                     "--max-queue-delay-ms", str(args.max_queue_delay_ms))
+            with serving(bench, "bench_serve", port, *flags, warm=images[:16]) as target:
                 for clients in [int(c) for c in args.concurrency.split(",")]:
                     for mode in args.ledger.split(","):
                         _cell(target, metrics_port, images, max_batch, clients, args.requests, mode == "record")
-            finally:
-                server.terminate()
-                server.wait(timeout=60)
 
 
 def _cell(target, metrics_port, images, max_batch, clients, total, record: bool) -> None:

@@ -52,3 +52,30 @@ def digits_on_embedded_milvus(profile_name: str, device_name: str, collection: s
             yield DigitsBench(profile, device, digits, rows, encoder, reranker, milvus.uri, index, report, seconds)
         finally:
             index.close()
+
+
+@contextlib.contextmanager
+def serving(bench: DigitsBench, collection: str, port: int, *flags: str, warm: list[tuple[str, bytes]] = (),
+            tenant_id: str = "") -> Iterator[str]:
+    """`gmv serve` on the bench's Milvus with its own ledger, warmed with `warm` (id, image)
+    pairs; yields its target, and stops it after the block."""
+    import subprocess
+    import sys
+
+    from gmv_client import GMVClient
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--port", str(port), *flags,
+         "--milvus-uri", bench.milvus_uri, "--device", bench.device, "--host", "127.0.0.1",
+         "--data-dir", tempfile.mkdtemp(prefix="gmv-bench-ledger-")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        target = f"127.0.0.1:{port}"
+        with GMVClient(target) as client:
+            client.wait_until_ready()
+            for gid, data in warm:  # the feature cache, the models and the ledger
+                client.attribute(data, f"warm-{gid}", tenant_id=tenant_id)
+        yield target
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
