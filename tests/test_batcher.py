@@ -200,3 +200,21 @@ def test_with_two_lanes_a_flood_leaves_a_lane_for_another_tenant():
         return victim
 
     assert asyncio.run(main()) == "b"
+
+
+def test_two_lanes_filling_at_once_do_not_split_one_tenants_burst():
+    run, batches = recording_runner()
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=32, max_queue_delay_s=0.2, lanes=2)
+        batcher.start()
+        # The burst arrives while both lanes are idle: the first lane to take a request holds its
+        # tenant, so the other lane leaves the rest of the burst to it.
+        first = asyncio.create_task(batcher.submit("x0", 1, None, tenant="x"))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.create_task(batcher.submit(f"x{i}", 1, None, tenant="x")) for i in range(1, 16)]
+        await asyncio.gather(first, *rest)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert [len(batch) for batch in batches] == [16]

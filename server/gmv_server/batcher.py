@@ -151,16 +151,33 @@ class DynamicBatcher:
         self.metrics.queue_depth.set(len(self._queue))
         return await future
 
-    def _busy_tenants(self) -> set[str]:
-        return {t for t, n in self._lanes_of.items() if n >= self._max_lanes_per_tenant}
+    def _busy_tenants(self, mine: set[str]) -> set[str]:
+        return {t for t, n in self._lanes_of.items() if n >= self._max_lanes_per_tenant and t not in mine}
 
-    async def _next_batch(self) -> list[_Pending]:
-        while (first := self._queue.take(self._busy_tenants())) is None:
+    def _take(self, mine: set[str]) -> _Pending | None:
+        """The next request this lane may take. A tenant counts as holding the lane from its first
+        request on, while the batch still fills, so two lanes filling at once never split one
+        tenant's burst between them (nor hand a flood both lanes)."""
+        pending = self._queue.take(self._busy_tenants(mine))
+        if pending is not None and pending.tenant not in mine:
+            mine.add(pending.tenant)
+            self._lanes_of[pending.tenant] = self._lanes_of.get(pending.tenant, 0) + 1
+        return pending
+
+    def _release(self, mine: set[str]) -> None:
+        for tenant in mine:
+            self._lanes_of[tenant] -= 1
+            if not self._lanes_of[tenant]:
+                del self._lanes_of[tenant]
+        self._queue.notify()  # its tenants may take a lane again
+
+    async def _next_batch(self, mine: set[str]) -> list[_Pending]:
+        while (first := self._take(mine)) is None:
             await self._queue.changed()
         batch = [first]
         closes = time.monotonic() + self.max_queue_delay_s
         while len(batch) < self.max_batch_size:
-            pending = self._queue.take(self._busy_tenants())
+            pending = self._take(mine)
             if pending is not None:
                 batch.append(pending)
                 continue
@@ -176,18 +193,11 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         while True:
-            batch = await self._next_batch()
-            tenants = {p.tenant for p in batch}
-            for tenant in tenants:
-                self._lanes_of[tenant] = self._lanes_of.get(tenant, 0) + 1
+            mine: set[str] = set()  # the tenants in this lane's batch
             try:
-                await self._run_batch(batch)
+                await self._run_batch(await self._next_batch(mine))
             finally:
-                for tenant in tenants:
-                    self._lanes_of[tenant] -= 1
-                    if not self._lanes_of[tenant]:
-                        del self._lanes_of[tenant]
-                self._queue.notify()  # its tenants may take a lane again
+                self._release(mine)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         now = time.monotonic()
