@@ -45,10 +45,12 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verbose: bool = False) -> dict:
-    """`gmv serve` in a subprocess on free ports, once its health says SERVING; its data
-    directory is log_path's folder. Stop it with `stop_server`. `seen` holds the health
-    statuses observed while it warmed up."""
+def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verbose: bool = False,
+                 port: int | None = None) -> dict:
+    """`gmv serve` in a subprocess on free ports (the gRPC one `port` when given, e.g. to
+    restart a server where it was), once its health says SERVING; its data directory is
+    log_path's folder. Stop it with `stop_server`. `seen` holds the health statuses observed
+    while it warmed up."""
     import subprocess
     import sys
     import time
@@ -58,7 +60,7 @@ def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verb
 
     from gmv_engine.milvus.embedded import free_port
 
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = port or free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gmv_server.cli", *(["-v"] if verbose else []), "serve", "--collection", collection, "--port", str(port),
          "--metrics-port", str(metrics_port), "--milvus-uri", milvus.uri, "--data-dir", str(log_path.parent),

@@ -5,10 +5,21 @@
         result = gmv.attribute(png_bytes, generation_id="gen-1")
         print(result.quality, result.contributors)
 
-UNAVAILABLE (server warming up, restarting, or its Milvus or ledger down) and
-RESOURCE_EXHAUSTED (queue full) are retried with exponential backoff; other errors raise
-grpc.RpcError at once. Retrying is safe: the server records each generation_id once and
-answers a repeat with the recorded credits (`Attribution.ledger == "replayed"`).
+Retries ride out a server restart: UNAVAILABLE (server down, restarting, warming up, or its
+Milvus or ledger down) and RESOURCE_EXHAUSTED (queue full) are retried until the call's
+deadline (`timeout_s`, 30 s by default; every public method also takes `timeout_s=` for one
+call), sleeping a "full jitter" exponential backoff between attempts: a uniform random time in
+[0, min(max_backoff_s, backoff_s * backoff_multiplier ** n)] (0.1 s, x2, capped at 2 s by
+default). Each attempt gets the time left as its gRPC timeout, no sleep reaches past the
+deadline, and when time runs out the last attempt's error is raised (UNAVAILABLE, or
+DEADLINE_EXCEEDED when an attempt itself ran out of time). `retries=N` also caps the attempts
+at N + 1 (default None: no cap but the deadline). Other errors raise grpc.RpcError at once.
+Retrying is safe: the server records each generation_id once and answers a repeat with the
+recorded credits (`Attribution.ledger == "replayed"`). `attribute_stream` is not retried (a
+stream may have been half consumed). gRPC's own service-config retry policy is not used: it
+caps attempts at 5 and would multiply the `retries` cap; its transparent retries (of calls that
+never reached a server) stay on. The channels made here reconnect at least every
+max(1 s, max_backoff_s) while the server is away, so a restarted server is seen promptly.
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
 
 __all__ = ["Attribution", "Credit", "ContributorValue", "TrainingImageValue", "Valuation", "GMVClient",
-           "AsyncGMVClient", "RETRYABLE"]
+           "AsyncGMVClient", "RETRYABLE", "backoff_delay"]
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -142,79 +153,135 @@ def _from_top(reply: pb.TopContributorsResponse) -> Valuation:
                            for c in reply.contributors), reply.generations, reply.total_credit)
 
 
-def _backoff(attempt: int, base_s: float) -> float:
-    return base_s * (2 ** attempt) * (0.5 + random.random())  # jitter keeps callers from retrying in step
+def backoff_delay(retry: int, initial_s: float = 0.1, multiplier: float = 2.0, max_s: float = 2.0,
+                  rng: random.Random | None = None) -> float:
+    """The sleep before retry number `retry` (0 = the first): "full jitter", uniform in
+    [0, min(max_s, initial_s * multiplier ** retry)], so callers that failed together do not
+    retry in step."""
+    ceiling = min(max_s, initial_s * multiplier ** min(retry, 64))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def _retryable(error: grpc.RpcError, codes) -> bool:
+    # RESOURCE_EXHAUSTED is also gRPC's answer to a message over a size limit: never retried.
+    return error.code() in codes and "larger than max" not in (error.details() or "")
+
+
+class _Attempts:
+    """One call's retry state: its deadline, attempts made and the backoff settings."""
+
+    def __init__(self, client, timeout_s: float | None, retries: int | None, codes=RETRYABLE,
+                 attempt_cap_s: float | None = None, max_backoff_s: float | None = None):
+        self.deadline = time.monotonic() + (client.timeout_s if timeout_s is None else timeout_s)
+        self.client, self.retries, self.codes, self.attempt_cap_s = client, retries, codes, attempt_cap_s
+        self.max_backoff_s = client.max_backoff_s if max_backoff_s is None else max_backoff_s
+        self.made = 0
+        self.capped = False  # the last attempt's timeout was attempt_cap_s, not the time left
+
+    def timeout(self) -> float:
+        """The gRPC timeout of the next attempt: the time left (or the per-attempt cap)."""
+        left = max(0.0, self.deadline - time.monotonic())
+        self.capped = self.attempt_cap_s is not None and self.attempt_cap_s < left
+        self.made += 1
+        return self.attempt_cap_s if self.capped else left
+
+    def delay(self, error: grpc.RpcError) -> float | None:
+        """How long to sleep before retrying after `error`; None: give up and raise it."""
+        timed_out = self.capped and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        if not (timed_out or _retryable(error, self.codes)):
+            return None
+        if self.retries is not None and self.made > self.retries:
+            return None
+        delay = backoff_delay(self.made - 1, self.client.backoff_s, self.client.backoff_multiplier, self.max_backoff_s)
+        if time.monotonic() + delay >= self.deadline:
+            return None  # the next attempt would start at or after the deadline
+        return delay
+
+
+def _channel_options(max_backoff_s: float) -> list[tuple[str, int]]:
+    # gRPC reconnects a lost channel with its own backoff (up to 120 s by default), failing calls
+    # fast meanwhile: bound it so a restarted server is reached within about max_backoff_s.
+    reconnect_ms = max(1000, int(max_backoff_s * 1000))
+    return [("grpc.max_send_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 1000),
+            ("grpc.max_reconnect_backoff_ms", reconnect_ms)]
 
 
 class GMVClient:
-    def __init__(self, target: str, timeout_s: float = 30.0, retries: int = 4, backoff_s: float = 0.1,
-                 channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    """A blocking client. timeout_s: each call's overall deadline, retries included (a method's
+    `timeout_s=` overrides it for one call). retries: at most this many retries (None: retry
+    until the deadline). backoff_s, backoff_multiplier, max_backoff_s: the jittered exponential
+    backoff between attempts (see the module's docstring)."""
+
+    def __init__(self, target: str, timeout_s: float = 30.0, retries: int | None = None, backoff_s: float = 0.1,
+                 channel: grpc.Channel | None = None, *, backoff_multiplier: float = 2.0, max_backoff_s: float = 2.0):
+        self.channel = channel or grpc.insecure_channel(target, options=_channel_options(max_backoff_s))
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.backoff_multiplier, self.max_backoff_s = backoff_multiplier, max_backoff_s
 
-    def _retrying(self, call):
-        for attempt in range(self.retries + 1):
+    def _retrying(self, call, timeout_s: float | None = None, **attempts):
+        """call(timeout) until it returns, a non-retryable error, the retries cap or the deadline."""
+        state = _Attempts(self, timeout_s, attempts.pop("retries", self.retries), **attempts)
+        while True:
             try:
-                return call()
+                return call(state.timeout())
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt == self.retries:
+                delay = state.delay(error)
+                if delay is None:
                     raise
-                time.sleep(_backoff(attempt, self.backoff_s))
+            time.sleep(delay)
 
     def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
-                  record: bool = True, collection: str = "") -> Attribution:
+                  record: bool = True, collection: str = "", *, timeout_s: float | None = None) -> Attribution:
         """Credits for one generated image (PNG/JPEG/WebP bytes), in rank order. record=False:
         a preview the server does not write to its ledger."""
         request = _request(image, generation_id, top_k, tenant_id, record, collection)
 
-        def call():
-            responses = self.stub.Attribute(request, timeout=self.timeout_s)
+        def call(timeout):
+            responses = self.stub.Attribute(request, timeout=timeout)
             return list(responses), _ledger_state(responses.trailing_metadata())
 
-        credits, ledger = self._retrying(call)
+        credits, ledger = self._retrying(call, timeout_s)
         return _from_credits(generation_id, credits, ledger)
 
     def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]], tenant_id: str = "",
-                         record: bool = True, collection: str = "") -> Iterator[Attribution]:
+                         record: bool = True, collection: str = "", *,
+                         timeout_s: float | None = None) -> Iterator[Attribution]:
         """Many generations over one call: (generation_id, image[, top_k]) in; results in any order.
         A failed generation comes back with `error_code`/`error_message` set and the stream goes on.
         Not retried here (a stream may have been half consumed): resend the ids you did not get
         back, or the whole stream; recorded ones come back as "replayed", never twice."""
         messages = (_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record, collection) for r in requests)
-        for message in self.stub.AttributeStream(messages, timeout=self.timeout_s):
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        for message in self.stub.AttributeStream(messages, timeout=timeout):
             yield _from_result(message)
 
     def valuation(self, since: Moment = None, until: Moment = None, training_ids: Iterable[str] = (), limit: int = 0,
-                  tenant_id: str = "", collection: str = "") -> Valuation:
+                  tenant_id: str = "", collection: str = "", *, timeout_s: float | None = None) -> Valuation:
         """phi_i per credited training image from the server's ledger, largest first."""
         request = _valuation_request(since, until, training_ids, limit, tenant_id, collection)
-        return _from_valuation(self._retrying(lambda: self.stub.GetValuation(request, timeout=self.timeout_s)))
+        return _from_valuation(self._retrying(lambda t: self.stub.GetValuation(request, timeout=t), timeout_s))
 
     def top_contributors(self, limit: int = 10, since: Moment = None, until: Moment = None, tenant_id: str = "",
-                         collection: str = "") -> Valuation:
+                         collection: str = "", *, timeout_s: float | None = None) -> Valuation:
         request = _top_request(limit, since, until, tenant_id, collection)
-        return _from_top(self._retrying(lambda: self.stub.TopContributors(request, timeout=self.timeout_s)))
+        return _from_top(self._retrying(lambda t: self.stub.TopContributors(request, timeout=t), timeout_s))
 
-    def index_info(self, collection: str = "") -> pb.IndexInfo:
+    def index_info(self, collection: str = "", *, timeout_s: float | None = None) -> pb.IndexInfo:
         request = pb.GetIndexInfoRequest(collection=collection)
-        return self._retrying(lambda: self.stub.GetIndexInfo(request, timeout=self.timeout_s))
+        return self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s)
 
-    def list_collections(self) -> list[pb.IndexInfo]:
+    def list_collections(self, *, timeout_s: float | None = None) -> list[pb.IndexInfo]:
         """Every collection the server serves."""
         request = pb.ListCollectionsRequest()
-        return list(self._retrying(lambda: self.stub.ListCollections(request, timeout=self.timeout_s)).collections)
+        return list(self._retrying(lambda t: self.stub.ListCollections(request, timeout=t), timeout_s).collections)
 
     def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5, collection: str = "") -> pb.IndexInfo:
-        """Block until the server answers (it says UNAVAILABLE while its models load)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(collection=collection), timeout=min(5.0, timeout_s))
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-            time.sleep(poll_s)
+        """Block until the server answers (it says UNAVAILABLE while its models load), polling
+        at most 5 s per attempt with jittered sleeps of at most poll_s; `retries` does not apply."""
+        request = pb.GetIndexInfoRequest(collection=collection)
+        return self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s, retries=None,
+                              codes=(grpc.StatusCode.UNAVAILABLE,), attempt_cap_s=5.0, max_backoff_s=poll_s)
 
     def close(self) -> None:
         self.channel.close()
@@ -227,56 +294,73 @@ class GMVClient:
 
 
 class AsyncGMVClient:
-    def __init__(self, target: str, timeout_s: float = 30.0, retries: int = 4, backoff_s: float = 0.1):
-        self.channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    """The asyncio client: the same settings and retries as GMVClient."""
+
+    def __init__(self, target: str, timeout_s: float = 30.0, retries: int | None = None, backoff_s: float = 0.1, *,
+                 backoff_multiplier: float = 2.0, max_backoff_s: float = 2.0):
+        self.channel = grpc.aio.insecure_channel(target, options=_channel_options(max_backoff_s))
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.backoff_multiplier, self.max_backoff_s = backoff_multiplier, max_backoff_s
 
-    async def _retrying(self, call):
-        for attempt in range(self.retries + 1):
+    async def _retrying(self, call, timeout_s: float | None = None, **attempts):
+        state = _Attempts(self, timeout_s, attempts.pop("retries", self.retries), **attempts)
+        while True:
             try:
-                return await call()
+                return await call(state.timeout())
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt == self.retries:
+                delay = state.delay(error)
+                if delay is None:
                     raise
-                await asyncio.sleep(_backoff(attempt, self.backoff_s))
+            await asyncio.sleep(delay)
 
     async def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
-                        record: bool = True, collection: str = "") -> Attribution:
+                        record: bool = True, collection: str = "", *, timeout_s: float | None = None) -> Attribution:
         request = _request(image, generation_id, top_k, tenant_id, record, collection)
 
-        async def call():
-            responses = self.stub.Attribute(request, timeout=self.timeout_s)
+        async def call(timeout):
+            responses = self.stub.Attribute(request, timeout=timeout)
             credits = [credit async for credit in responses]
             return credits, _ledger_state(await responses.trailing_metadata())
 
-        credits, ledger = await self._retrying(call)
+        credits, ledger = await self._retrying(call, timeout_s)
         return _from_credits(generation_id, credits, ledger)
 
     async def attribute_stream(self, requests: Iterable[tuple[str, bytes] | tuple[str, bytes, int]], tenant_id: str = "",
-                               record: bool = True, collection: str = "") -> AsyncIterator[Attribution]:
+                               record: bool = True, collection: str = "", *,
+                               timeout_s: float | None = None) -> AsyncIterator[Attribution]:
+        """As GMVClient.attribute_stream: not retried."""
         messages = [_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record, collection) for r in requests]
-        async for message in self.stub.AttributeStream(iter(messages), timeout=self.timeout_s):
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        async for message in self.stub.AttributeStream(iter(messages), timeout=timeout):
             yield _from_result(message)
 
     async def valuation(self, since: Moment = None, until: Moment = None, training_ids: Iterable[str] = (),
-                        limit: int = 0, tenant_id: str = "", collection: str = "") -> Valuation:
+                        limit: int = 0, tenant_id: str = "", collection: str = "", *,
+                        timeout_s: float | None = None) -> Valuation:
         request = _valuation_request(since, until, training_ids, limit, tenant_id, collection)
-        return _from_valuation(await self._retrying(lambda: self.stub.GetValuation(request, timeout=self.timeout_s)))
+        return _from_valuation(await self._retrying(lambda t: self.stub.GetValuation(request, timeout=t), timeout_s))
 
     async def top_contributors(self, limit: int = 10, since: Moment = None, until: Moment = None, tenant_id: str = "",
-                               collection: str = "") -> Valuation:
+                               collection: str = "", *, timeout_s: float | None = None) -> Valuation:
         request = _top_request(limit, since, until, tenant_id, collection)
-        return _from_top(await self._retrying(lambda: self.stub.TopContributors(request, timeout=self.timeout_s)))
+        return _from_top(await self._retrying(lambda t: self.stub.TopContributors(request, timeout=t), timeout_s))
 
-    async def index_info(self, collection: str = "") -> pb.IndexInfo:
+    async def index_info(self, collection: str = "", *, timeout_s: float | None = None) -> pb.IndexInfo:
         request = pb.GetIndexInfoRequest(collection=collection)
-        return await self._retrying(lambda: self.stub.GetIndexInfo(request, timeout=self.timeout_s))
+        return await self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s)
 
-    async def list_collections(self) -> list[pb.IndexInfo]:
+    async def list_collections(self, *, timeout_s: float | None = None) -> list[pb.IndexInfo]:
         request = pb.ListCollectionsRequest()
-        reply = await self._retrying(lambda: self.stub.ListCollections(request, timeout=self.timeout_s))
+        reply = await self._retrying(lambda t: self.stub.ListCollections(request, timeout=t), timeout_s)
         return list(reply.collections)
+
+    async def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5,
+                               collection: str = "") -> pb.IndexInfo:
+        """As GMVClient.wait_until_ready."""
+        request = pb.GetIndexInfoRequest(collection=collection)
+        return await self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s, retries=None,
+                                    codes=(grpc.StatusCode.UNAVAILABLE,), attempt_cap_s=5.0, max_backoff_s=poll_s)
 
     async def close(self) -> None:
         await self.channel.close()

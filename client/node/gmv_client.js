@@ -4,7 +4,7 @@
 'use strict';
 const fs = require('fs');
 const path = require('path');
-const { grpc, gmv, attribute } = require('./gmv_proto');
+const { grpc, attribute, unary, createClient } = require('./gmv_proto');
 
 function attributeStream(client, requests) {
   return new Promise((resolve, reject) => {
@@ -20,9 +20,8 @@ function attributeStream(client, requests) {
 
 async function main() {
   const [target, ...files] = process.argv.slice(2);
-  const client = new gmv.AttributionService(target, grpc.credentials.createInsecure());
-  const info = await new Promise((resolve, reject) =>
-    client.GetIndexInfo({}, (error, reply) => (error ? reject(error) : resolve(reply))));
+  const client = createClient(target);
+  const info = await unary(client, 'GetIndexInfo', {});
   const requests = files.map((file) => ({
     generation_id: `node-${path.basename(file, path.extname(file))}`, image: fs.readFileSync(file), top_k: 5,
     tenant_id: 'node',
@@ -35,10 +34,8 @@ async function main() {
   } catch (error) {
     invalid = grpc.status[error.code];
   }
-  const unary = (method, request) => new Promise((resolve, reject) =>
-    client[method](request, (error, reply) => (error ? reject(error) : resolve(reply))));
-  const valuation = await unary('GetValuation', { tenant_id: 'node', since: { seconds: 0, nanos: 0 } });
-  const top = await unary('TopContributors', { tenant_id: 'node', limit: 3 });
+  const valuation = await unary(client, 'GetValuation', { tenant_id: 'node', since: { seconds: 0, nanos: 0 } });
+  const top = await unary(client, 'TopContributors', { tenant_id: 'node', limit: 3 });
   console.log(JSON.stringify({ info, credits, results, invalid, valuation, top }));
   client.close();
 }
