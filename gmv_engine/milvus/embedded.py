@@ -6,6 +6,13 @@ group (session), and stop the whole group: SIGTERM, a bounded wait, then SIGKILL
 file in the data directory stops two GMV commands from starting two servers on one
 directory (which would corrupt its embedded etcd).
 
+Nothing outlives the GMV process, however it dies (SIGKILL and the OOM killer included), as
+PostgreSQL's postmaster-death pipe: the launcher's stdin is a pipe whose write end only the
+GMV process holds, so the kernel closes it when GMV dies, and the launcher, reading EOF,
+stops the server (SIGTERM, then SIGKILL) and exits. The server binary is the launcher's child
+with a parent-death signal (SIGKILL), so it cannot outlive the launcher either. The launcher
+holds the data directory's lock as well, until its server is gone.
+
 We launch through `python -m gmv_engine.milvus.embedded DIR PORT` rather than the package's
 `milvus-server`, to pin every Milvus component to 127.0.0.1: left empty, each advertises the
 machine's first non-loopback address, and on machines where that address is firewalled or
@@ -36,6 +43,7 @@ DEFAULT_PORT = 19530
 ATTEMPT_TIMEOUTS_S = (90.0, 120.0)  # a healthy start takes 5-25 s here
 STOP_TIMEOUT_S = 10.0  # its graceful stop can take minutes with collections loaded; GMV flushes every write first
 HEALTHZ_PORT_FILE = "gmv-healthz-port"
+PARENT_DEATH_GRACE_S = 2.0  # an orphaned server is stopped fast: its GMV process flushed every write
 SESSION_TTL_S = 10  # etcd lease of each Milvus component's session (Milvus' default: 30 s)
 
 
@@ -103,9 +111,13 @@ class EmbeddedMilvus:
         log.info("starting embedded Milvus on port %d with data in %s", self.port, self.data_dir)
         with open(log_path, "ab") as launcher_log:
             self._proc = subprocess.Popen(
-                command, stdout=launcher_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command, stdout=launcher_log, stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE,  # the death pipe: EOF when this process is gone
+                pass_fds=(self._lock_file.fileno(),) if self._lock_file is not None else (),
                 start_new_session=True,  # its own process group, so stop() reaches the child server too
             )
+        if self._lock_file is not None:
+            self._write_lock_holder(launcher_pgid=self._proc.pid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:  # e.g. a panic on a previous server's stale session
@@ -145,22 +157,50 @@ class EmbeddedMilvus:
         self._release_lock()
 
     def _acquire_lock(self) -> None:
+        """Lock the data directory, as PostgreSQL checks postmaster.pid: the lock file names the
+        GMV process and its launcher's process group. A lock held though that GMV process is gone
+        is an earlier run's Milvus still stopping (or stuck): it is killed and the start goes on."""
         lock_path = self.data_dir / "gmv.lock"
         self._lock_file = open(lock_path, "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "another process"
-            self._lock_file.close()
-            self._lock_file = None
-            raise IndexUnavailableError(
-                f"the Milvus data directory {self.data_dir} is in use by {holder}; "
-                "wait for it to finish, or point this command at that server with --milvus-uri"
-            ) from None
+            holder = self._lock_file.read().strip()
+            owner, launcher = _lock_holder(holder)
+            if owner is not None and not _alive(owner) and launcher is not None:
+                log.warning("the data directory %s is held by the embedded Milvus of pid %d, which is gone; "
+                            "stopping that Milvus (process group %d)", self.data_dir, owner, launcher)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(launcher, signal.SIGKILL)
+                self._stopped_at = time.monotonic()  # its etcd sessions must lapse before a new start
+            if not self._wait_for_lock(10.0 if owner is not None and not _alive(owner) else 0.0):
+                self._lock_file.close()
+                self._lock_file = None
+                raise IndexUnavailableError(
+                    f"the Milvus data directory {self.data_dir} is in use by {holder or 'another process'}; "
+                    "wait for it to finish, point this command at that server with --milvus-uri, or stop "
+                    "that process if it is stuck"
+                ) from None
+        self._write_lock_holder(launcher_pgid=None)
+
+    def _wait_for_lock(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+
+    def _write_lock_holder(self, launcher_pgid: int | None) -> None:
         self._lock_file.seek(0)
         self._lock_file.truncate()
         self._lock_file.write(f"pid {os.getpid()} (embedded Milvus on port {self.port})\n")
+        if launcher_pgid is not None:
+            self._lock_file.write(f"launcher {launcher_pgid}\n")
         self._lock_file.flush()
 
     def _release_lock(self) -> None:
@@ -178,6 +218,14 @@ class EmbeddedMilvus:
 
 def _stop_group(proc: subprocess.Popen, timeout_s: float) -> None:
     """SIGTERM the whole process group, wait, then SIGKILL: bounded, and nothing orphaned."""
+    try:
+        _signal_group_until_gone(proc, timeout_s)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()  # the death pipe: nothing is left to read it
+
+
+def _signal_group_until_gone(proc: subprocess.Popen, timeout_s: float) -> None:
     pgid = proc.pid  # start_new_session made the launcher its group's leader
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
         try:
@@ -197,6 +245,30 @@ def _stop_group(proc: subprocess.Popen, timeout_s: float) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _lock_holder(text: str) -> tuple[int | None, int | None]:
+    """(GMV pid, launcher process group) from a lock file's text."""
+    owner = launcher = None
+    for line in text.splitlines():
+        word, _, rest = line.partition(" ")
+        number = rest.split(" ", 1)[0]
+        if number.isdigit():
+            if word == "pid":
+                owner = int(number)
+            elif word == "launcher":
+                launcher = int(number)
+    return owner, launcher
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _group_alive(pgid: int) -> bool:
@@ -253,10 +325,50 @@ def _loopback_template(etcd_config: Path) -> str:
     return "\n".join(lines)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In a child between fork and exec: SIGKILL it when its parent (the launcher) dies."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not Linux: the death pipe and the process group still apply
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def _stop_on_parent_death(server_proc: subprocess.Popen) -> None:
+    """Read the death pipe until EOF (the GMV process that started us is gone, however it
+    died), then stop the server, SIGTERM and then SIGKILL, and exit."""
+    while sys.stdin.buffer.read(4096):
+        pass
+    server_proc.terminate()
+    try:
+        server_proc.wait(timeout=PARENT_DEATH_GRACE_S)
+    except subprocess.TimeoutExpired:
+        server_proc.kill()
+        server_proc.wait()
+    os._exit(0)
+
+
 def _serve(data_dir: str, port: int) -> None:
     """Run the embedded Milvus in the foreground until signalled (the child of EmbeddedMilvus)."""
+    import threading
+
     import milvus
     from milvus import MilvusServer, MilvusServerConfig
+
+    # The package starts the server with subprocess.Popen: give that child a parent-death signal.
+    popen = subprocess.Popen
+
+    def popen_dying_with_us(*args, **kwargs):
+        kwargs.setdefault("preexec_fn", _die_with_parent)
+        return popen(*args, **kwargs)
+
+    milvus.subprocess = type(sys)("subprocess")  # this launcher's own view of the module, patched
+    milvus.subprocess.__dict__.update(subprocess.__dict__, Popen=popen_dying_with_us)
 
     class PortCheckingConfig(MilvusServerConfig):
         """The package checks each port by binding it without SO_REUSEADDR, which fails for a
@@ -301,6 +413,10 @@ def _serve(data_dir: str, port: int) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     (Path(data_dir) / HEALTHZ_PORT_FILE).unlink(missing_ok=True)
     server.start()
+    import stat
+
+    if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):  # started by EmbeddedMilvus, not by hand
+        threading.Thread(target=_stop_on_parent_death, args=(server.server_proc,), daemon=True).start()
     # The proxy answers before every component is up; /healthz on this port says when all are.
     (Path(data_dir) / HEALTHZ_PORT_FILE).write_text(str(server.webservice_port))
     sys.exit(server.server_proc.wait())
