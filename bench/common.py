@@ -1,11 +1,14 @@
-"""What both benchmarks set up: the digits, the profile's components, and a fresh embedded Milvus."""
+"""What both benchmarks set up: the digits, the profile's components, and a fresh embedded Milvus
+(or the Milvus at GMV_BENCH_MILVUS_URI)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 
@@ -42,7 +45,9 @@ def digits_on_embedded_milvus(profile_name: str, device_name: str, collection: s
     digits = export_digits(workdir / "digits")
     rows = read_manifest(digits.manifest)
     encoder, reranker = create_encoder(profile.encoder, device), create_reranker(profile.reranker, device)
-    with EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
+    existing = os.environ.get("GMV_BENCH_MILVUS_URI")  # a Milvus already running (the ingest resumes)
+    with contextlib.nullcontext(SimpleNamespace(uri=existing)) if existing else \
+            EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
         index = TrainingIndex(milvus.uri)
         info = CollectionInfo(profile.name, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
         start = time.perf_counter()

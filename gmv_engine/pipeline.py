@@ -156,23 +156,29 @@ class Attributor:
 
 def attribute_batch(attributors: Sequence[Attributor], images: Sequence[Image.Image], top_ks: Sequence[int],
                     times: StageTimes | None = None,
-                    on_batch: Callable[[Mapping[str, float]], None] | None = None) -> list[Attribution]:
+                    on_batch: Callable[[Mapping[str, float]], None] | None = None,
+                    checkpoint: Callable[[], None] | None = None) -> list[Attribution]:
     """Attribute image i against attributors[i] with k = top_ks[i]. Models shared by several
-    collections (the same object from one ModelPool) run once over all their images."""
+    collections (the same object from one ModelPool) run once over all their images.
+    `checkpoint` is called before each stage (a server's bulk batch waits there for others)."""
     if not images:
         return []
     times = times or StageTimes()
+    checkpoint = checkpoint or (lambda: None)
     batch: dict[str, float] = {}
     count = len(images)
     vectors: list[np.ndarray | None] = [None] * count
+    checkpoint()
     with times.stage("embed", batch):
         for encoder, members in _groups(attributors, lambda a: a.encoder):
             for i, vector in zip(members, encoder.embed([images[i] for i in members])):
                 vectors[i] = vector
     kept: list[list[Hit] | None] = [None] * count
     by_collection = _groups(attributors, lambda a: a)
+    checkpoint()
     with times.stage("recall", batch):
         recalled = {id(a): a.recall(np.stack([vectors[i] for i in members])) for a, members in by_collection}
+    checkpoint()
     with times.stage("rerank", batch):
         for attributor, members in by_collection:
             ranked = attributor.rerank([images[i] for i in members], recalled[id(attributor)],
@@ -180,6 +186,7 @@ def attribute_batch(attributors: Sequence[Attributor], images: Sequence[Image.Im
             for i, hits in zip(members, ranked):
                 kept[i] = hits
     qualities = np.zeros(count, dtype=np.float64)
+    checkpoint()
     with times.stage("quality", batch):
         for scorer, members in _groups(attributors, lambda a: a.quality):
             qualities[members] = scorer.score([images[i] for i in members])

@@ -94,7 +94,11 @@ class Settings:
     max_queue_size: int = setting(256, "requests in progress (decoding, queued, running, recording) past which "
                                        "unary callers get RESOURCE_EXHAUSTED and streams wait", "serving")
     max_tenant_queue_share: float = setting(0.5, "the part of max_queue_size one tenant's requests may hold, so a "
-                                                 "flood leaves room for the others", "serving")
+                                                 "flood leaves room for the others; more wait in the tenant's "
+                                                 "own line (max_tenant_line_mb)", "serving")
+    max_tenant_line_mb: float = setting(256.0, "image bytes (plus 16 KiB a request) one tenant's requests past its "
+                                               "share may hold while they wait in its line; past that its unary "
+                                               "calls get RESOURCE_EXHAUSTED", "serving")
     batch_lanes: int = setting(2, "batches run at once; with 2 or more, one tenant may hold all lanes but one, so "
                                   "a flood leaves a lane for the others", "serving")
     queue_policy: str = setting("fair", "fair: batches filled round-robin over tenants, then over each tenant's "
@@ -149,6 +153,8 @@ class Settings:
             raise ValueError(f"batch_lanes must be at least 1, not {self.batch_lanes}")
         if not 0 < self.max_tenant_queue_share <= 1:
             raise ValueError(f"max_tenant_queue_share must be in (0, 1], not {self.max_tenant_queue_share}")
+        if self.max_tenant_line_mb < 0:
+            raise ValueError(f"max_tenant_line_mb must be >= 0, not {self.max_tenant_line_mb}")
         self.check_query()
 
     def check_query(self) -> None:

@@ -17,6 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def milvus(tmp_path_factory):
     from gmv_engine.milvus.embedded import EmbeddedMilvus, free_port
 
+    shared = os.environ.get("GMV_TEST_MILVUS_PORT")
+    if shared:
+        # An embedded Milvus started beforehand (`python -m gmv_engine.milvus.embedded DIR PORT`),
+        # for running several test sessions at once: the embedded 2.3's internal ports are fixed,
+        # so two cannot run side by side. Tests that stop or restart Milvus must not run this way.
+        yield EmbeddedMilvus(tmp_path_factory.mktemp("milvus-unused"), port=int(shared))
+        return
     server = EmbeddedMilvus(tmp_path_factory.mktemp("milvus"), port=free_port())
     server.start()
     yield server

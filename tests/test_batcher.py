@@ -14,7 +14,7 @@ from gmv_server.metrics import ServerMetrics
 def recording_runner(delay_s: float = 0.0):
     batches = []
 
-    def run(images, top_ks):
+    def run(images, top_ks, checkpoint=None):
         batches.append(list(images))
         time.sleep(delay_s)
         return [f"result:{image}:{k}" for image, k in zip(images, top_ks)]
@@ -70,7 +70,7 @@ def test_expired_deadline_is_dropped_not_computed():
 
 
 def test_a_failing_batch_fails_each_of_its_callers():
-    def broken(images, top_ks):
+    def broken(images, top_ks, checkpoint=None):
         raise RuntimeError("model exploded")
 
     async def main():
@@ -85,7 +85,7 @@ def test_a_failing_batch_fails_each_of_its_callers():
 
 def test_one_failing_request_fails_only_itself():
     """A batch that raises is run request by request, so only the request that fails gets the error."""
-    def run(images, top_ks):
+    def run(images, top_ks, checkpoint=None):
         if "bad" in images:
             raise ValueError("this image breaks a stage")
         return [f"ok:{image}" for image in images]
@@ -107,7 +107,7 @@ def gated_runner():
     """A runner whose first batch blocks until released, recording every batch's items."""
     gate, started, batches = threading.Event(), threading.Event(), []
 
-    def run(images, top_ks):
+    def run(images, top_ks, checkpoint=None):
         batches.append(list(images))
         started.set()
         gate.wait(5)
@@ -142,22 +142,93 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_request(policy):
         assert batch_of_b == len(batches) - 1  # arrival order: behind the whole flood
 
 
-def test_a_tenant_is_refused_past_its_share_while_others_get_in():
+def test_past_its_share_a_tenant_waits_in_its_own_line_and_past_that_is_refused():
+    from gmv_server.admission import REQUEST_OVERHEAD_BYTES
+
     async def main():
-        admission = Admission(max_requests=8, tenant_share=0.5, metrics=ServerMetrics())
-        async with contextlib.AsyncExitStack() as held:
-            for _ in range(4):
-                await held.enter_async_context(admission.admit("a"))
-            with pytest.raises(QueueFullError, match="tenant 'a'"):
-                await held.enter_async_context(admission.admit("a"))
-            for _ in range(4):
-                await held.enter_async_context(admission.admit("b"))
-            with pytest.raises(QueueFullError, match="8 requests in progress"):
-                await held.enter_async_context(admission.admit("c"))
+        # a's line holds 4 requests of 1,000 bytes
+        admission = Admission(max_requests=8, tenant_share=0.5, metrics=ServerMetrics(),
+                              line_bytes=4 * (1000 + REQUEST_OVERHEAD_BYTES))
+        order = []
+
+        async def request(tenant, name, hold: asyncio.Event):
+            async with admission.admit(tenant, size=1000):
+                order.append(name)
+                await hold.wait()
+
+        held = [asyncio.Event() for _ in range(8)]
+        running = [asyncio.create_task(request("a", f"a{i}", held[i])) for i in range(4)]
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(request("a", f"a{i}", held[i])) for i in range(4, 8)]
+        await asyncio.sleep(0.01)
+        assert order == ["a0", "a1", "a2", "a3"]  # a4..a7 wait in a's line
+        with pytest.raises(QueueFullError, match="tenant 'a'"):  # the line is full
+            async with admission.admit("a", size=1000):
+                pass
+        other = asyncio.Event()
+        others = [asyncio.create_task(request("b", f"b{i}", other)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert sorted(order[4:]) == ["b0", "b1", "b2", "b3"]  # another tenant gets in at once
+        with pytest.raises(QueueFullError, match="8 requests in progress"):
+            async with admission.admit("c"):
+                pass
+        held[2].set()  # one of a's places frees: the first in a's line takes it
+        await asyncio.sleep(0.01)
+        assert order[-1] == "a4"
+        for event in [*held, other]:
+            event.set()
+        await asyncio.gather(*running, *waiting, *others)
+        assert order[-3:] == ["a5", "a6", "a7"]  # first come, first served
 
     asyncio.run(main())
 
 
+def test_a_unary_request_in_line_gives_up_at_its_deadline():
+    async def main():
+        admission = Admission(max_requests=2, tenant_share=0.5, metrics=ServerMetrics())
+        async with admission.admit("a"):
+            with pytest.raises(DeadlinePassedError):
+                async with admission.admit("a", deadline=time.monotonic() + 0.05):
+                    pass
+        async with admission.admit("a"):  # the line was left clean
+            pass
+
+    asyncio.run(main())
+
+
+def test_a_bulk_lane_gives_way_to_an_interactive_batch_between_stages():
+    """Tenant a has a backlog, so its batches are bulk; b's single request is interactive, and
+    while it runs a's lane stops at its next checkpoint instead of competing for the cores."""
+    events, b_running, release_b = [], threading.Event(), threading.Event()
+
+    def run(images, top_ks, checkpoint=None):
+        if images[0] == "b":
+            events.append("b starts")
+            b_running.set()
+            release_b.wait(5)
+            events.append("b ends")
+        else:
+            for stage in range(3):
+                checkpoint()
+                events.append(f"{images[0]} stage {stage}")
+                time.sleep(0.02)
+        return list(images)
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=2, max_queue_delay_s=0, lanes=2)
+        batcher.start()
+        flood = [asyncio.create_task(batcher.submit(f"a{i}", 1, None, tenant="a")) for i in range(8)]
+        await asyncio.sleep(0.03)
+        victim = asyncio.create_task(batcher.submit("b", 1, None, tenant="b"))
+        await asyncio.to_thread(b_running.wait, 5)
+        await asyncio.sleep(0.1)  # a's lane would run several stages here if it did not give way
+        release_b.set()
+        await asyncio.gather(victim, *flood)
+        await batcher.stop()
+
+    asyncio.run(main())
+    during_b = events[events.index("b starts") + 1:events.index("b ends")]
+    assert len(during_b) <= 1, events  # at most the stage a's lane was already in
 def test_a_streams_item_waits_for_a_place_instead_of_failing():
     async def main():
         admission = Admission(max_requests=2, tenant_share=1.0, metrics=ServerMetrics())
@@ -180,7 +251,7 @@ def test_a_streams_item_waits_for_a_place_instead_of_failing():
 def test_with_two_lanes_a_flood_leaves_a_lane_for_another_tenant():
     gate, flood_started, batches = threading.Event(), threading.Event(), []
 
-    def run(images, top_ks):
+    def run(images, top_ks, checkpoint=None):
         batches.append(list(images))
         if images[0].startswith("a"):
             flood_started.set()

@@ -1,25 +1,34 @@
 """Admission control: how many requests may be in progress at once, in all and per tenant.
 
 A request is admitted before any work is done for it (the ledger lookup, the decode, its
-place in the batcher's queue) and holds its place until it is answered, so a refused request
-costs almost nothing and a flood cannot fill the thread pool or the queue ahead of others. A
-tenant may hold `tenant_share` of the places. A unary call past either bound is refused at
-once (RESOURCE_EXHAUSTED, the caller backs off); a stream's item waits for a place instead,
-so a stream is read no faster than it is served.
+place in the batcher's queue) and holds its place until it is answered, so a flood cannot fill
+the thread pool or the queue ahead of others. A tenant may hold `tenant_share` of the places.
+Past its share, a tenant's request waits in the tenant's own line, first come first served, for
+one of the tenant's places to free; a unary call is refused at once (RESOURCE_EXHAUSTED, the
+caller backs off) when the server is full or the tenant's line already holds `line_bytes` (its
+requests' images, and a fixed overhead each), and a stream's item always waits, so a stream is
+read no faster than it is served. Waiting costs a parked task and the request's bytes, which the
+server holds anyway once it has received them; a refusal costs a round trip and a retry for
+each attempt, so under a flood a long line is far cheaper than refusals. A place that frees
+wakes one waiter, not every one.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections import deque
 from typing import AsyncIterator
 
 from .batcher import DeadlinePassedError, QueueFullError
 from .metrics import ServerMetrics
 
+REQUEST_OVERHEAD_BYTES = 16 * 1024  # what a waiting request holds besides its image (message, task)
+
 
 class Admission:
-    def __init__(self, max_requests: int, tenant_share: float, metrics: ServerMetrics):
+    def __init__(self, max_requests: int, tenant_share: float, metrics: ServerMetrics,
+                 line_bytes: int = 256 * 1024 * 1024):
         if max_requests < 1 or not 0 < tenant_share <= 1:
             raise ValueError("max_requests must be >= 1 and tenant_share in (0, 1]")
         self.max_requests = max_requests
@@ -27,8 +36,14 @@ class Admission:
         self.metrics = metrics
         self._per_tenant: dict[str, int] = {}
         self._total = 0
-        self._released = asyncio.Condition()
+        self.line_bytes = line_bytes
+        self._lines: dict[str, deque[asyncio.Future]] = {}  # tenant -> waiters, oldest first
+        self._line_held: dict[str, int] = {}  # tenant -> bytes its waiters hold
         metrics.queue_capacity.set(max_requests)
+
+    def tenants(self) -> int:
+        """How many tenants have requests in progress."""
+        return len(self._per_tenant)
 
     def refusal(self, tenant: str) -> str:
         """'' when the tenant may start one more request, else why not."""
@@ -36,22 +51,30 @@ class Admission:
             return f"the server has {self.max_requests} requests in progress (max_queue_size); retry with backoff"
         if self._per_tenant.get(tenant, 0) >= self.max_per_tenant:
             return (f"tenant '{tenant}' has {self.max_per_tenant} requests in progress, its share of the server "
-                    "(max_tenant_queue_share); retry with backoff")
+                    "(max_tenant_queue_share), and its line of waiting requests is full (max_tenant_line_mb); "
+                    "retry with backoff")
         return ""
 
     @contextlib.asynccontextmanager
-    async def admit(self, tenant: str, wait: bool = False, deadline: float | None = None) -> AsyncIterator[None]:
-        if reason := self.refusal(tenant):
-            if not wait:
-                self.metrics.queue_rejections.labels(reason="tenant" if reason.startswith("tenant") else "queue").inc()
-                raise QueueFullError(reason)
-            async with self._released:
-                while self.refusal(tenant):
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise DeadlinePassedError("the deadline passed while the request waited for a place")
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._released.wait(), remaining)
+    async def admit(self, tenant: str, wait: bool = False, deadline: float | None = None,
+                    size: int = 0) -> AsyncIterator[None]:
+        """Hold one place of `tenant` for the block. wait: a stream's item, which waits however long
+        the line; size: the request's bytes, which it holds while it waits."""
+        if (reason := self.refusal(tenant)) or self._lines.get(tenant):
+            server_full = self._total >= self.max_requests
+            cost = size + REQUEST_OVERHEAD_BYTES
+            if not wait and (server_full or self._line_held.get(tenant, 0) + cost > self.line_bytes):
+                self.metrics.queue_rejections.labels(reason="queue" if server_full else "tenant").inc()
+                raise QueueFullError(reason or self.refusal(tenant) or
+                                     f"tenant '{tenant}' has a full line of waiting requests (max_tenant_line_mb); "
+                                     "retry with backoff")
+            self._line_held[tenant] = self._line_held.get(tenant, 0) + cost
+            try:
+                await self._wait_in_line(tenant, deadline)
+            finally:
+                self._line_held[tenant] -= cost
+                if not self._line_held[tenant]:
+                    del self._line_held[tenant]
         self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         self._total += 1
         try:
@@ -61,5 +84,66 @@ class Admission:
             self._per_tenant[tenant] -= 1
             if not self._per_tenant[tenant]:
                 del self._per_tenant[tenant]
-            async with self._released:
-                self._released.notify_all()
+            self._wake(tenant)
+
+    async def _wait_in_line(self, tenant: str, deadline: float | None) -> None:
+        line = self._lines.setdefault(tenant, deque())
+        turn = asyncio.get_running_loop().create_future()
+        line.append(turn)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlinePassedError("the deadline passed while the request waited for a place")
+                if line[0] is turn and not self.refusal(tenant):
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(turn), remaining)
+                turn = self._renew(line, turn)
+        finally:
+            line.remove(turn)
+            if not line:
+                del self._lines[tenant]
+            self._wake(tenant)  # the next in this line may go, if there is a place
+
+    @staticmethod
+    def _renew(line: deque, turn: asyncio.Future) -> asyncio.Future:
+        """A fresh, unset future in the same place of the line (a woken waiter that must wait again)."""
+        if not turn.done():
+            return turn
+        fresh = turn.get_loop().create_future()
+        line[line.index(turn)] = fresh
+        return fresh
+
+    def _wake(self, tenant: str) -> None:
+        """A place freed: the first waiter of this tenant, and, when the server was full, the
+        first waiter of every line, may try again."""
+        for name, line in self._lines.items():
+            if (name == tenant or self._total == self.max_requests - 1) and line and not line[0].done():
+                line[0].set_result(None)
+
+
+class TenantSlots:
+    """At most `per_tenant` of one tenant's requests at a time in a shared, first-come-first-served
+    stage (the thread pool that looks up replays and decodes images): a flood's backlog there
+    would otherwise sit in front of every other tenant's request."""
+
+    def __init__(self, per_tenant: int):
+        if per_tenant < 1:
+            raise ValueError("per_tenant must be >= 1")
+        self.per_tenant = per_tenant
+        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}  # tenant -> (slots, users)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        semaphore, users = self._slots.get(tenant) or (asyncio.Semaphore(self.per_tenant), 0)
+        self._slots[tenant] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._slots[tenant]
+            if users == 1:
+                del self._slots[tenant]  # no entry per tenant ever seen
+            else:
+                self._slots[tenant] = (semaphore, users - 1)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from PIL import Image
 
@@ -31,6 +31,7 @@ from gmv_engine.models import ModelPool
 from gmv_engine.pipeline import Attributor, attribute_batch
 from gmv_engine.settings import Settings
 
+from .admission import TenantSlots
 from .batcher import UNARY, DynamicBatcher
 from .ledger_writer import LedgerWriter
 from .metrics import ServerMetrics
@@ -38,6 +39,9 @@ from .metrics import ServerMetrics
 log = logging.getLogger("gmv.server.requests")
 
 RECORDED, REPLAYED, NOT_RECORDED = "recorded", "replayed", "not-recorded"
+# A tenant's requests looking up replays or decoding at once (the thread pool is first come, first
+# served); 4 keeps a tenant's own decode rate far above what the models can take.
+THREAD_SLOTS_PER_TENANT = 4
 
 
 class WarmingUpError(GMVError):
@@ -89,6 +93,7 @@ class AttributionService:
         self.attributors: dict[str, Attributor] = {}
         self.descriptions: dict[str, CollectionDescription] = {}
         self.batcher: DynamicBatcher | None = None
+        self._thread_slots = TenantSlots(THREAD_SLOTS_PER_TENANT)
         self.models: ModelPool | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -110,7 +115,8 @@ class AttributionService:
         self.batcher = DynamicBatcher(self._run_batch, self.metrics, self.settings.max_batch_size,
                                       self.settings.max_queue_delay_ms / 1000.0, self.settings.max_queue_size,
                                       self.settings.max_tenant_queue_share, self.settings.queue_policy,
-                                      self.settings.batch_lanes)
+                                      self.settings.batch_lanes,
+                                      max_tenant_line_bytes=int(self.settings.max_tenant_line_mb * 1024 * 1024))
         self.batcher.start()
         self.attributors = attributors
 
@@ -118,9 +124,10 @@ class AttributionService:
         if self.batcher is not None:
             await self.batcher.stop()
 
-    def _run_batch(self, items: Sequence[tuple[Attributor, Image.Image]], top_ks: Sequence[int]) -> list[Attribution]:
+    def _run_batch(self, items: Sequence[tuple[Attributor, Image.Image]], top_ks: Sequence[int],
+                   checkpoint: Callable[[], None]) -> list[Attribution]:
         return attribute_batch([a for a, _ in items], [image for _, image in items], top_ks,
-                               on_batch=self.metrics.observe_stages)
+                               on_batch=self.metrics.observe_stages, checkpoint=checkpoint)
 
     # -- collections ----------------------------------------------------------------------
     def resolve(self, collection: str) -> str:
@@ -163,21 +170,18 @@ class AttributionService:
         self.check_id("tenant_id", request.tenant_id)
         top_k = request.top_k or self.settings.top_k
         attributor.check_top_k(top_k, 1)
-        async with self.batcher.admission.admit(request.tenant_id, wait=bool(request.stream), deadline=request.deadline):
+        async with self.batcher.admission.admit(request.tenant_id, wait=bool(request.stream), deadline=request.deadline,
+                                                size=len(request.image)):
             return await self._attribute(request, collection, attributor, top_k, started)
 
     async def _attribute(self, request: AttributionRequest, collection: str, attributor: Attributor, top_k: int,
                          started: float) -> AttributionOutcome:
         record = request.record and self.ledger is not None
         image_hash = image_sha256(request.image)
-        if record:
-            # A retry of a recorded generation is answered from the ledger, not recomputed.
-            earlier = await asyncio.to_thread(self.ledger.get, request.generation_id)
-            if earlier is not None:
-                return self._finish(collection, started, self._replay(request, image_hash, earlier), REPLAYED)
-        decode_started = time.perf_counter()
-        image = await asyncio.to_thread(decode_image, request.image, attributor.limits)
-        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - decode_started)
+        async with self._thread_slots.slot(request.tenant_id):
+            earlier, image = await asyncio.to_thread(self._replay_or_decode, request, attributor, record)
+        if earlier is not None:  # a retry of a recorded generation is answered from the ledger, not recomputed
+            return self._finish(collection, started, self._replay(request, image_hash, earlier), REPLAYED)
         result = await self.batcher.submit((attributor, image), top_k, request.deadline, request.tenant_id,
                                            request.stream or UNARY)
         self.metrics.generations.labels(collection=collection).inc()
@@ -192,6 +196,16 @@ class AttributionService:
         if new:
             return self._finish(collection, started, result, RECORDED)
         return self._finish(collection, started, stored.attribution, REPLAYED)  # a concurrent request recorded it first
+
+    def _replay_or_decode(self, request: AttributionRequest, attributor: Attributor,
+                          record: bool) -> tuple[GenerationRecord | None, Image.Image | None]:
+        """The recorded generation of this id, or else the decoded image (one thread hop for both)."""
+        if record and (earlier := self.ledger.get(request.generation_id)) is not None:
+            return earlier, None
+        decode_started = time.perf_counter()
+        image = decode_image(request.image, attributor.limits)
+        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - decode_started)
+        return None, image
 
     def check_id(self, field_name: str, value: str, required: bool = False) -> None:
         """Ids go into the ledger and every log line about a request: bounded, and printable."""

@@ -8,14 +8,24 @@ each tenant's flows, so a tenant that floods waits behind its own requests while
 tenant's request goes into the next batch; and with two lanes or more, one tenant never
 holds every lane. How many requests may be in progress at all is admission's to say
 (admission.py). A request whose deadline passed or whose caller went away while it waited
-is dropped, not computed. Batches run on worker threads, so the event loop keeps accepting
-calls while the models work.
+is dropped, not computed. Batches run on the lanes' own threads, so the event loop keeps
+accepting calls while the models work, and a batch never waits behind other thread work.
+
+Lanes share the machine's cores, so a flood's batch would slow another tenant's batch that runs
+beside it. A batch is *bulk* when one of its tenants still has requests waiting (a backlog), and
+*interactive* otherwise; bulk lanes pause between pipeline stages while an interactive batch
+runs (`LanePriority`), so a tenant under its fair share gets its answer in about the time of an
+idle server, and a flood alone still runs at full speed.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Container, Sequence
@@ -43,9 +53,10 @@ class ShuttingDownError(Exception):
     """The server is stopping and will not run this request."""
 
 
-# (items, top_ks) -> one result per item; an item is whatever the caller submitted (the
-# attribution service submits (collection's attributor, image) pairs).
-RunBatch = Callable[[Sequence[object], Sequence[int]], list[Attribution]]
+# (items, top_ks, checkpoint) -> one result per item; an item is whatever the caller submitted
+# (the attribution service submits (collection's attributor, image) pairs). The runner calls
+# checkpoint() between its stages: where a bulk batch gives way to an interactive one.
+RunBatch = Callable[[Sequence[object], Sequence[int], Callable[[], None]], list[Attribution]]
 
 
 @dataclass
@@ -105,6 +116,10 @@ class FairQueue:
             return pending
         return None
 
+    def waiting(self, tenant: str) -> int:
+        """How many of the tenant's requests wait here (0 under the fifo policy, which has no tenants)."""
+        return sum(len(waiting) for waiting in self._tenants.get(tenant, {}).values())
+
     def notify(self) -> None:
         self._changed.set()
 
@@ -114,15 +129,47 @@ class FairQueue:
         await asyncio.wait_for(self._changed.wait(), timeout_s)
 
 
+class LanePriority:
+    """Interactive batches before bulk ones, at stage granularity: while any lane runs an
+    interactive batch, a bulk lane waits at its next checkpoint (between pipeline stages), for at
+    most `max_pause_s` each time so that a stream of interactive batches cannot stop a bulk one."""
+
+    def __init__(self, max_pause_s: float = 0.5):
+        self.max_pause_s = max_pause_s
+        self._interactive = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def interactive(self):
+        with self._changed:
+            self._interactive += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._interactive -= 1
+                self._changed.notify_all()
+
+    def give_way(self) -> None:
+        """A bulk lane's checkpoint: wait while an interactive batch runs."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._interactive, self.max_pause_s)
+
+
+def _no_checkpoint() -> None:
+    pass
+
+
 class DynamicBatcher:
     """Batches from the fair queue, run on `lanes` worker threads at once (as Triton's model
     instances). With more than one lane, one tenant may occupy all lanes but one, so a flood
     leaves a lane on which another tenant's request runs at once instead of waiting for the
-    flood's batch to finish."""
+    flood's batch to finish, and the flood's lane gives way to it between stages."""
 
     def __init__(self, run_batch: RunBatch, metrics: ServerMetrics, max_batch_size: int = 32,
                  max_queue_delay_s: float = 0.005, max_queue_size: int = 256, max_tenant_queue_share: float = 1.0,
-                 queue_policy: str = "fair", lanes: int = 1):
+                 queue_policy: str = "fair", lanes: int = 1, bulk_chunk: int = 8,
+                 max_tenant_line_bytes: int = 256 * 1024 * 1024):
         if max_batch_size < 1 or max_queue_delay_s < 0 or lanes < 1:
             raise ValueError("max_batch_size and lanes must be >= 1 and max_queue_delay >= 0")
         from .admission import Admission  # admission raises this module's errors
@@ -131,12 +178,15 @@ class DynamicBatcher:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
-        self.admission = Admission(max_queue_size, max_tenant_queue_share, metrics)
+        self.admission = Admission(max_queue_size, max_tenant_queue_share, metrics, max_tenant_line_bytes)
         self._queue = FairQueue(queue_policy)
         self.lanes = lanes
         self._max_lanes_per_tenant = lanes - 1 if lanes > 1 and queue_policy == "fair" else lanes
         self._lanes_of: dict[str, int] = {}  # tenant -> lanes running a batch with its requests
         self._tasks: list[asyncio.Task] = []
+        self.priority = LanePriority()
+        self.bulk_chunk = max(1, bulk_chunk)
+        self._threads = ThreadPoolExecutor(lanes, thread_name_prefix="gmv-lane")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,11 +245,13 @@ class DynamicBatcher:
         while True:
             mine: set[str] = set()  # the tenants in this lane's batch
             try:
-                await self._run_batch(await self._next_batch(mine))
+                batch = await self._next_batch(mine)
+                interactive = not any(self._queue.waiting(tenant) for tenant in mine)
+                await self._run_batch(batch, interactive)
             finally:
                 self._release(mine)
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending], interactive: bool = True) -> None:
         now = time.monotonic()
         live = []
         for pending in batch:
@@ -217,7 +269,9 @@ class DynamicBatcher:
         started = time.perf_counter()
         ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
         try:
-            results = await asyncio.to_thread(self._run_isolating, live)
+            context = contextvars.copy_context()
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._threads, context.run, self._run_prioritised, live, interactive)
         finally:
             generation_ids.reset(ids)
         self.metrics.batch_executions.inc()
@@ -231,11 +285,23 @@ class DynamicBatcher:
             else:
                 pending.future.set_result(result)
 
-    def _run_isolating(self, live: list[_Pending]) -> list:
+    def _run_prioritised(self, live: list[_Pending], interactive: bool) -> list:
+        if interactive:
+            with self.priority.interactive():
+                return self._run_isolating(live, _no_checkpoint)
+        # A bulk batch runs in chunks while other tenants have requests in progress, so an
+        # interactive batch that arrives waits for at most one chunk's stage, not the batch's.
+        outcomes: list = []
+        while len(outcomes) < len(live):
+            size = self.bulk_chunk if self.admission.tenants() > 1 else len(live)
+            outcomes.extend(self._run_isolating(live[len(outcomes):len(outcomes) + size], self.priority.give_way))
+        return outcomes
+
+    def _run_isolating(self, live: list[_Pending], checkpoint: Callable[[], None]) -> list:
         """One result per request, or the exception that request alone causes: when a batch fails,
         each of its requests runs on its own, so one bad item fails only its own caller."""
         try:
-            return self.run_batch([p.image for p in live], [p.top_k for p in live])
+            return self.run_batch([p.image for p in live], [p.top_k for p in live], checkpoint)
         except Exception as exc:  # noqa: BLE001
             # Milvus down is every request's answer: running them one by one would only wait longer.
             if len(live) == 1 or isinstance(exc, IndexUnavailableError):
@@ -245,7 +311,7 @@ class DynamicBatcher:
         outcomes: list = []
         for pending in live:
             try:
-                outcomes.extend(self.run_batch([pending.image], [pending.top_k]))
+                outcomes.extend(self.run_batch([pending.image], [pending.top_k], checkpoint))
             except Exception as exc:  # noqa: BLE001 - this request's own failure
                 outcomes.append(exc)
         return outcomes
@@ -261,3 +327,4 @@ class DynamicBatcher:
         while (pending := self._queue.take()) is not None:
             if not pending.future.done():
                 pending.future.set_exception(ShuttingDownError("the server is shutting down"))
+        self._threads.shutdown(wait=False)
