@@ -16,6 +16,7 @@ from gmv_engine.milvus.index import TrainingIndex
 from gmv_engine.models import pick_device
 from gmv_engine.settings import Settings
 
+from . import housekeeping
 from .attribution_service import AttributionService
 from .grpc_service import GrpcAttributionService, add_to_server
 from .metrics import ServerMetrics, package_version
@@ -64,7 +65,9 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     # Models load (each once, shared by the collections that use it) and run once before the
     # health status turns SERVING; stage metrics start after the warm-up.
     device = pick_device(settings.device)
+    housekeeping.bound_native_memory()
     await service.start(index, collections, device)
+    housekeeping.freeze_startup_objects()
     metrics.watch_gpu_memory(device)
     metrics.build_info.info(build_info(service, device))
     for name in ("", SERVICE_NAME):
@@ -78,10 +81,12 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     probe = asyncio.create_task(probe_milvus(index, settings)) if settings.milvus_probe_s > 0 else None
+    tidying = asyncio.create_task(housekeeping.run())  # memory back after a burst of requests
     await stopping.wait()
     log.info("stopping: draining in-flight calls for up to %.0f s", settings.grace_s)
     if probe is not None:
         probe.cancel()
+    tidying.cancel()
     health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_s)
     await service.stop()

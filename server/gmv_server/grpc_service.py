@@ -50,6 +50,10 @@ STATUS_OF = [
     ((DeadlinePassedError,), grpc.StatusCode.DEADLINE_EXCEEDED),
     ((IndexUnavailableError, LedgerUnavailableError, ShuttingDownError, WarmingUpError), grpc.StatusCode.UNAVAILABLE),
 ]
+# Server-side failures are the operator's to look at; a caller's bad input is not, and refusals
+# (thousands a second under a flood, each retried) are counted in gmv_queue_rejected_total.
+LOG_LEVEL_OF = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
+                grpc.StatusCode.RESOURCE_EXHAUSTED: logging.DEBUG}
 LEDGER_METADATA_KEY = "gmv-ledger"
 LEDGER_STATES = {RECORDED: pb.LEDGER_STATE_RECORDED, REPLAYED: pb.LEDGER_STATE_REPLAYED,
                  NOT_RECORDED: pb.LEDGER_STATE_NOT_RECORDED}
@@ -60,6 +64,23 @@ def loggable(text: str, limit: int = 128) -> str:
     escaped (no forged lines) and cut to `limit` characters (no megabyte trailers)."""
     escaped = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
     return escaped if len(escaped) <= limit else escaped[:limit] + f"...({len(text)} characters)"
+
+
+# A status message travels in the grpc-message trailer, percent-encoded, and a peer drops a call
+# whose metadata passes 8 KiB (the caller then sees RESOURCE_EXHAUSTED instead of the real
+# status): a message that echoes a caller's string (a 20,000-character collection name) is cut.
+MAX_STATUS_MESSAGE = 500  # characters; at most 4 UTF-8 bytes each, 3 characters per byte encoded
+
+
+def timestamp_seconds(request, name: str) -> float | None:
+    """A request's Timestamp field as seconds (nanos included), or None when unset; one outside
+    google.protobuf.Timestamp's range is the caller's error, not the server's."""
+    if not request.HasField(name):
+        return None
+    try:
+        return getattr(request, name).ToNanoseconds() / 1e9
+    except ValueError as exc:
+        raise InvalidArgumentError(f"{name} is not a valid timestamp: {exc}") from exc
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -97,14 +118,11 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
                     generation_id: str = ""):
         code = status_for(exc)
         self._count(method, code, collection)
-        # Server-side failures are the operator's to look at; a caller's bad input is not.
-        level = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
-                 grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING}.get(code, logging.INFO)
         generation_id = loggable(generation_id)
-        log.log(level, "%s failed with %s: %s", method, code.name, exc, extra={"generation_id": generation_id},
+        log.log(LOG_LEVEL_OF.get(code, logging.INFO), "%s failed with %s: %s", method, code.name, exc, extra={"generation_id": generation_id},
                 exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         prefix = f"generation '{generation_id}': " if generation_id else ""
-        await context.abort(code, f"{prefix}{exc}")
+        await context.abort(code, loggable(f"{prefix}{exc}", MAX_STATUS_MESSAGE))
 
     async def Attribute(self, request, context) -> AsyncIterator[pb.Credit]:
         try:
@@ -178,9 +196,7 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         """One failed generation of a stream: logged and counted like a failed call, sent as a result."""
         code = status_for(exc)
         self.metrics.stream_item_errors.labels(code.name, self.service.served_label(request.collection)).inc()
-        level = {grpc.StatusCode.INTERNAL: logging.ERROR, grpc.StatusCode.UNAVAILABLE: logging.WARNING,
-                 grpc.StatusCode.RESOURCE_EXHAUSTED: logging.WARNING}.get(code, logging.INFO)
-        log.log(level, "%s item failed with %s: %s", method, code.name, exc,
+        log.log(LOG_LEVEL_OF.get(code, logging.INFO), "%s item failed with %s: %s", method, code.name, exc,
                 extra={"generation_id": loggable(request.generation_id)}, exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         return pb.AttributionResult(generation_id=request.generation_id,
                                     error=pb.AttributionError(code=code.value[0], message=str(exc)))
@@ -205,8 +221,7 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         """Run `query(window)` on the service: (items, generations, total credit), or None
         after the call was failed with the error's status."""
         try:
-            since = request.since.ToSeconds() if request.HasField("since") else None
-            until = request.until.ToSeconds() if request.HasField("until") else None
+            since, until = timestamp_seconds(request, "since"), timestamp_seconds(request, "until")
             window = self.service.window(since, until, request.collection, request.tenant_id)
             answer = await query(window)
         except Exception as exc:  # noqa: BLE001
