@@ -168,7 +168,7 @@ class DynamicBatcher:
 
     def __init__(self, run_batch: RunBatch, metrics: ServerMetrics, max_batch_size: int = 32,
                  max_queue_delay_s: float = 0.005, max_queue_size: int = 256, max_tenant_queue_share: float = 1.0,
-                 queue_policy: str = "fair", lanes: int = 1, bulk_chunk: int = 8,
+                 queue_policy: str = "fair", lanes: int = 1, bulk_chunk: int = 4,
                  max_tenant_line_bytes: int = 256 * 1024 * 1024):
         if max_batch_size < 1 or max_queue_delay_s < 0 or lanes < 1:
             raise ValueError("max_batch_size and lanes must be >= 1 and max_queue_delay >= 0")
