@@ -16,13 +16,14 @@ thirty refused 21 MB images):
   them, a few hundred KiB each: a quality metric that runs on each image at its own size (PIQE)
   grows that cache with every new image size.
 
-So, before the models load, blocks of 1 MiB or more are always mapped on their own (and unmapped
-when freed), and oneDNN keeps at most 64 primitives (fixed-size models need a few dozen); the
-environment's MALLOC_MMAP_THRESHOLD_ or ONEDNN_PRIMITIVE_CACHE_CAPACITY win. Once the models are
-warm, the objects that exist are frozen (`gc.freeze`: never scanned again, which makes a full
-collection cost about 1 ms and lets CPython run them often), and every `interval_s` a full
-collection runs and glibc is asked to return its free pages (`malloc_trim`). Where the C library
-is not glibc, only the collections run.
+So, before the models load, blocks of 4 MiB or more are always mapped on their own (and
+unmapped when freed; at 1 MiB, per-image working buffers such as a re-ranker's stack of
+candidate features paid a fresh mapping each and a stream ran 15% slower), and oneDNN keeps at
+most 64 primitives (fixed-size models need a few dozen); the environment's MALLOC_MMAP_THRESHOLD_
+or ONEDNN_PRIMITIVE_CACHE_CAPACITY win. Once the models are warm, the objects that exist are
+frozen (`gc.freeze`: never scanned again, which makes a full collection cost about 1 ms and lets
+CPython run them often), and every `interval_s` a full collection runs and glibc is asked to
+return its free pages (`malloc_trim`). Where the C library is not glibc, only the collections run.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import os
 INTERVAL_S = 2.0
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = "64"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 4 << 20
 
 
 def _libc(name: str):
