@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+import time
 from pathlib import Path
 
 import grpc
@@ -219,6 +220,19 @@ def test_ids_are_bounded_and_printable_and_nothing_is_recorded(server, images, f
     with sqlite3.connect(Path(server["log"]).parent / "ledger.sqlite3") as db:
         ids = [row[0] for row in db.execute("SELECT generation_id FROM generations")]
     assert "bounded-id" not in ids and not any(len(i) > 128 for i in ids)
+
+
+def test_a_callers_string_echoed_in_an_error_is_escaped_in_the_status_and_the_log(server, images):
+    stub = pb_grpc.AttributionServiceStub(server["channel"])
+    forged = "nope\nERROR gmv.server: forged line " + "x" * 20_000
+    request = pb.AttributeRequest(generation_id="escaped-1", image=images[0][1], collection=forged)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Attribute(request, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value.details()
+    assert "\\n" in caught.value.details() and "\n" not in caught.value.details()
+    assert len(caught.value.details()) < 1000
+    time.sleep(0.5)  # the log line is written
+    assert not any(line.startswith("ERROR gmv.server: forged") for line in Path(server["log"]).read_text().splitlines())
 
 
 def test_valuation_of_too_many_ids_is_invalid_argument(server):

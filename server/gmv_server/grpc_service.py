@@ -119,10 +119,13 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         code = status_for(exc)
         self._count(method, code, collection)
         generation_id = loggable(generation_id)
-        log.log(LOG_LEVEL_OF.get(code, logging.INFO), "%s failed with %s: %s", method, code.name, exc, extra={"generation_id": generation_id},
+        # The message may echo the caller's strings: escaped and cut, in the log as in the status.
+        message = loggable(str(exc), MAX_STATUS_MESSAGE)
+        log.log(LOG_LEVEL_OF.get(code, logging.INFO), "%s failed with %s: %s", method, code.name, message,
+                extra={"generation_id": generation_id},
                 exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         prefix = f"generation '{generation_id}': " if generation_id else ""
-        await context.abort(code, loggable(f"{prefix}{exc}", MAX_STATUS_MESSAGE))
+        await context.abort(code, f"{prefix}{message}")
 
     async def Attribute(self, request, context) -> AsyncIterator[pb.Credit]:
         try:
@@ -196,10 +199,11 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         """One failed generation of a stream: logged and counted like a failed call, sent as a result."""
         code = status_for(exc)
         self.metrics.stream_item_errors.labels(code.name, self.service.served_label(request.collection)).inc()
-        log.log(LOG_LEVEL_OF.get(code, logging.INFO), "%s item failed with %s: %s", method, code.name, exc,
+        message = loggable(str(exc), MAX_STATUS_MESSAGE)
+        log.log(LOG_LEVEL_OF.get(code, logging.INFO), "%s item failed with %s: %s", method, code.name, message,
                 extra={"generation_id": loggable(request.generation_id)}, exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         return pb.AttributionResult(generation_id=request.generation_id,
-                                    error=pb.AttributionError(code=code.value[0], message=str(exc)))
+                                    error=pb.AttributionError(code=code.value[0], message=message))
 
     async def GetIndexInfo(self, request, context) -> pb.IndexInfo:
         try:
