@@ -20,15 +20,18 @@ import time
 from collections import deque
 from typing import AsyncIterator
 
+from gmv_engine.settings import DEFAULTS
+
 from .batcher import DeadlinePassedError, QueueFullError
 from .metrics import ServerMetrics
 
+DEFAULT_LINE_BYTES = int(DEFAULTS.max_tenant_line_mb * 1024 * 1024)
 REQUEST_OVERHEAD_BYTES = 16 * 1024  # what a waiting request holds besides its image (message, task)
 
 
 class Admission:
     def __init__(self, max_requests: int, tenant_share: float, metrics: ServerMetrics,
-                 line_bytes: int = 256 * 1024 * 1024):
+                 line_bytes: int = DEFAULT_LINE_BYTES):
         if max_requests < 1 or not 0 < tenant_share <= 1:
             raise ValueError("max_requests must be >= 1 and tenant_share in (0, 1]")
         self.max_requests = max_requests

@@ -169,16 +169,17 @@ class DynamicBatcher:
     def __init__(self, run_batch: RunBatch, metrics: ServerMetrics, max_batch_size: int = 32,
                  max_queue_delay_s: float = 0.005, max_queue_size: int = 256, max_tenant_queue_share: float = 1.0,
                  queue_policy: str = "fair", lanes: int = 1, bulk_chunk: int = 4,
-                 max_tenant_line_bytes: int = 256 * 1024 * 1024):
+                 max_tenant_line_bytes: int | None = None):
         if max_batch_size < 1 or max_queue_delay_s < 0 or lanes < 1:
             raise ValueError("max_batch_size and lanes must be >= 1 and max_queue_delay >= 0")
-        from .admission import Admission  # admission raises this module's errors
+        from .admission import DEFAULT_LINE_BYTES, Admission  # admission raises this module's errors
 
         self.run_batch = run_batch
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
-        self.admission = Admission(max_queue_size, max_tenant_queue_share, metrics, max_tenant_line_bytes)
+        self.admission = Admission(max_queue_size, max_tenant_queue_share, metrics,
+                                   DEFAULT_LINE_BYTES if max_tenant_line_bytes is None else max_tenant_line_bytes)
         self._queue = FairQueue(queue_policy)
         self.lanes = lanes
         self._max_lanes_per_tenant = lanes - 1 if lanes > 1 and queue_policy == "fair" else lanes
