@@ -39,6 +39,7 @@ __all__ = ["Attribution", "Credit", "ContributorValue", "TrainingImageValue", "V
            "AsyncGMVClient", "RETRYABLE", "backoff_delay"]
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+MIN_ATTEMPT_S = 0.005  # an attempt with less time left than this is not made
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,11 @@ class _Attempts:
         self.made += 1
         return self.attempt_cap_s if self.capped else left
 
+    def too_late(self) -> bool:
+        """After a sleep that overshot: too little time left for an attempt to do anything but
+        time out (the caller would see DEADLINE_EXCEEDED instead of why the last one failed)."""
+        return self.deadline - time.monotonic() < MIN_ATTEMPT_S
+
     def delay(self, error: grpc.RpcError) -> float | None:
         """How long to sleep before retrying after `error`; None: give up and raise it."""
         timed_out = self.capped and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -229,7 +235,9 @@ class GMVClient:
                 delay = state.delay(error)
                 if delay is None:
                     raise
-            time.sleep(delay)
+                time.sleep(delay)
+                if state.too_late():
+                    raise
 
     def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
                   record: bool = True, collection: str = "", *, timeout_s: float | None = None) -> Attribution:
@@ -312,7 +320,9 @@ class AsyncGMVClient:
                 delay = state.delay(error)
                 if delay is None:
                     raise
-            await asyncio.sleep(delay)
+                await asyncio.sleep(delay)
+                if state.too_late():
+                    raise
 
     async def attribute(self, image: bytes, generation_id: str, top_k: int = 0, tenant_id: str = "",
                         record: bool = True, collection: str = "", *, timeout_s: float | None = None) -> Attribution:

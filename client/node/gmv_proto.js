@@ -37,6 +37,8 @@ function backoffDelayMs(retry, options = {}) {
 }
 
 // Resolves with attempt(deadline)'s value, retrying as described above.
+const MIN_ATTEMPT_MS = 5; // an attempt with less time left than this is not made
+
 async function withRetry(attempt, options = {}) {
   const o = { ...RETRY_DEFAULTS, ...options };
   const deadline = o.deadline !== undefined ? Number(o.deadline) : Date.now() + o.timeoutMs;
@@ -49,6 +51,9 @@ async function withRetry(attempt, options = {}) {
       if (Date.now() + delayMs >= deadline) throw error;
       if (o.onRetry) o.onRetry({ attempt: made, delayMs, error });
       await new Promise((resolve) => setTimeout(resolve, delayMs));
+      // A timer that overshot leaves too little time for an attempt to do anything but time out
+      // (the caller would see DEADLINE_EXCEEDED instead of why the last one failed).
+      if (deadline - Date.now() < MIN_ATTEMPT_MS) throw error;
     }
   }
 }
