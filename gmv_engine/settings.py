@@ -86,8 +86,10 @@ class Settings:
     # -- serving
     collections: tuple[str, ...] = setting((), "collections `gmv serve` serves (repeat --collection)", "serving",
                                            flag="--collection")
-    host: str = setting("0.0.0.0", "address the gRPC server listens on", "serving")
+    host: str = setting("127.0.0.1", "address the gRPC server listens on; 0.0.0.0 (as the container image sets) "
+                                     "for every interface", "serving")
     port: int = setting(50051, "gRPC port", "serving")
+    metrics_host: str = setting("127.0.0.1", "address the Prometheus /metrics endpoint listens on", "serving")
     metrics_port: int = setting(0, "Prometheus /metrics port; 0: no metrics endpoint", "serving")
     max_batch_size: int = setting(32, "generated images per model batch", "serving")
     max_queue_delay_ms: float = setting(5.0, "how long the first request of a batch waits for company", "serving")

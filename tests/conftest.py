@@ -20,8 +20,8 @@ def milvus(tmp_path_factory):
     shared = os.environ.get("GMV_TEST_MILVUS_PORT")
     if shared:
         # An embedded Milvus started beforehand (`python -m gmv_engine.milvus.embedded DIR PORT`),
-        # for running several test sessions at once: the embedded 2.3's internal ports are fixed,
-        # so two cannot run side by side. Tests that stop or restart Milvus must not run this way.
+        # shared by several test sessions at once to save memory. Tests that stop or restart
+        # Milvus, or read what the session's Milvus built, must not run this way.
         yield EmbeddedMilvus(tmp_path_factory.mktemp("milvus-unused"), port=int(shared))
         return
     server = EmbeddedMilvus(tmp_path_factory.mktemp("milvus"), port=free_port())

@@ -2,6 +2,7 @@
 starting and stopping `gmv serve`, image bytes, CSVs and Prometheus samples."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -172,3 +173,25 @@ class PostgresServer:
             self.pause()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket, in this machine's network
+    namespace, of `root_pid` and all its descendants."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    processes = {root.pid: root.name()}
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            processes[child.pid] = child.name()
+    return [(conn.laddr.ip, conn.laddr.port, processes[conn.pid]) for conn in psutil.net_connections("tcp")
+            if conn.status == psutil.CONN_LISTEN and conn.pid in processes]
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8 or ::1, also as gRPC binds 127.0.0.1: an IPv4-mapped IPv6 socket (::ffff:127.0.0.1)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)

@@ -130,3 +130,31 @@ def test_a_lock_left_by_a_dead_gmv_process_is_taken_over(tmp_path):
     finally:
         taker._release_lock()
         stuck.kill()
+
+
+def test_listens_on_loopback_only_and_a_second_data_dir_runs_beside_it(milvus, tmp_path):
+    """Milvus 2.3 listens on every interface, on fixed ports: in its own network namespace
+    none of that is visible; only the two bridged ports are, on 127.0.0.1. So a second data
+    directory's Milvus starts beside the first with no port to collide on."""
+    import os
+    import urllib.request
+
+    from gmv_engine.milvus.embedded import HEALTHZ_PORT_FILE
+    from helpers import listening_sockets
+
+    if os.environ.get("GMV_TEST_MILVUS_PORT"):
+        pytest.skip("the session's Milvus was started beforehand, not by this process")
+    second = EmbeddedMilvus(tmp_path / "second", port=free_port())
+    try:
+        second.start(attempt_timeouts_s=(90.0,))
+        for server in (milvus, second):
+            healthz = int((server.data_dir / HEALTHZ_PORT_FILE).read_text())
+            sockets = listening_sockets(server._proc.pid)
+            assert sorted((address, port) for address, port, _ in sockets) == sorted(
+                [("127.0.0.1", server.port), ("127.0.0.1", healthz)])
+            assert not [name for _, _, name in sockets if "milvus" in name]  # all bridged by the launcher
+            with urllib.request.urlopen(f"http://127.0.0.1:{healthz}/healthz", timeout=5) as response:
+                assert b"OK" in response.read()
+        assert milvus.port != second.port
+    finally:
+        second.stop()

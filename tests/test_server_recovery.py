@@ -1,6 +1,7 @@
 """The server when Milvus goes away and comes back, and when its collection is missing.
 A Milvus of its own, since this test stops it."""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from gmv_engine.milvus.index import TrainingIndex
 from gmv_engine.ingest import ingest, read_manifest
 
 from helpers import make_info
-from helpers import metric
+from helpers import is_loopback, listening_sockets, metric
 
 pytestmark = pytest.mark.e2e  # starts real servers or subprocesses
 
@@ -83,7 +84,7 @@ def test_serve_refuses_a_missing_collection(milvus, tmp_path):
     assert result.returncode == 2 and "collection 'absent' does not exist" in result.stderr
 
 
-def test_sigterm_stops_serve_and_its_embedded_milvus(tmp_path, digits, offline_components):
+def test_serve_listens_on_loopback_beside_a_second_serve_and_sigterm_stops_it_all(tmp_path, digits, offline_components):
     import signal
 
     from test_cli import processes_mentioning
@@ -96,14 +97,35 @@ def test_sigterm_stops_serve_and_its_embedded_milvus(tmp_path, digits, offline_c
         ingest(index, "served", read_manifest(digits.manifest)[:100], make_info(encoder, reranker), encoder, reranker,
                progress=False)
         index.close()
-    server = subprocess.Popen([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "served", "--port",
-                               str(port), "--data-dir", str(data_dir), "--milvus-port", str(milvus_port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    shutil.copytree(data_dir, other_dir := tmp_path / "other")  # a stopped Milvus' files: a second data dir
+
+    def serve(directory, port, milvus_port):
+        return subprocess.Popen([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "served",
+                                 "--port", str(port), "--data-dir", str(directory), "--milvus-port", str(milvus_port),
+                                 "--metrics-port", str(free_port())],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    server = serve(data_dir, port, milvus_port)
+    image = read_heldout(digits.heldout)[0][0].read_bytes()
     with GMVClient(f"127.0.0.1:{port}", timeout_s=20) as client:
         client.wait_until_ready(timeout_s=300)
-        assert len(client.attribute(read_heldout(digits.heldout)[0][0].read_bytes(), "g").credits) == 10
+        assert len(client.attribute(image, "g").credits) == 10
+        # Nothing of the server, its metrics or its Milvus listens beyond loopback (defaults).
+        sockets = listening_sockets(server.pid)
+        assert len(sockets) >= 4 and all(is_loopback(address) for address, _, _ in sockets), sockets
+        # A second server on another data dir comes up while the first runs.
+        other_port = free_port()
+        other = serve(other_dir, other_port, free_port())
+        try:
+            with GMVClient(f"127.0.0.1:{other_port}", timeout_s=20) as other_client:
+                other_client.wait_until_ready(timeout_s=300)
+                assert len(other_client.attribute(image, "g").credits) == 10
+            assert len(client.attribute(image, "g2").credits) == 10
+        finally:
+            other.send_signal(signal.SIGTERM)
+            other.communicate(timeout=90)
     server.send_signal(signal.SIGTERM)
     output, _ = server.communicate(timeout=90)
     assert server.returncode == 0, output
     assert "draining in-flight calls" in output and "stopped" in output
-    assert processes_mentioning(str(data_dir)) == []
+    assert processes_mentioning(str(data_dir)) == [] and processes_mentioning(str(other_dir)) == []

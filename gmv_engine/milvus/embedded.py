@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import IndexUnavailableError
+from . import netns
 
 if TYPE_CHECKING:
     from .index import TrainingIndex
@@ -387,6 +388,17 @@ def _serve(data_dir: str, port: int) -> None:
                 sock.close()
                 return None
 
+    # Opened before the move into a private network: the ports GMV reaches the server through.
+    proxy_listener, healthz_listener = netns.loopback_listener(port), netns.loopback_listener(0)
+    why_not = netns.isolate_network()
+    if why_not is None:
+        inner_proxy_port = DEFAULT_PORT  # every port is free in a network of its own
+    else:
+        log.warning("the embedded Milvus cannot have a private network here (%s): its components listen on all "
+                    "interfaces of this machine; keep its ports firewalled", why_not)
+        proxy_listener.close()
+        healthz_listener.close()
+        inner_proxy_port = port
     etcd_port, etcd_peer_port = free_port(), free_port()
     etcd_config = Path(data_dir) / "gmv-etcd.yaml"
     etcd_config.write_text(
@@ -404,7 +416,7 @@ def _serve(data_dir: str, port: int) -> None:
     config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")  # set only for its own template
     # Passed as required ports, not defaults: for a default the package scans on to the next free
     # port when a bind fails, and a proxy that moved off `port` looks to us like one that never starts.
-    config.update(proxy_port=port, etcd_port=etcd_port)
+    config.update(proxy_port=inner_proxy_port, etcd_port=etcd_port)
     server = MilvusServer(config, wait_for_started=False)
     server.set_base_dir(data_dir)
     # The server shares our process group, so a group SIGTERM reaches it directly; we only wait
@@ -417,8 +429,13 @@ def _serve(data_dir: str, port: int) -> None:
 
     if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):  # started by EmbeddedMilvus, not by hand
         threading.Thread(target=_stop_on_parent_death, args=(server.server_proc,), daemon=True).start()
+    healthz_port = server.webservice_port
+    if why_not is None:
+        netns.bridge(proxy_listener, inner_proxy_port)
+        netns.bridge(healthz_listener, healthz_port)
+        healthz_port = healthz_listener.getsockname()[1]
     # The proxy answers before every component is up; /healthz on this port says when all are.
-    (Path(data_dir) / HEALTHZ_PORT_FILE).write_text(str(server.webservice_port))
+    (Path(data_dir) / HEALTHZ_PORT_FILE).write_text(str(healthz_port))
     sys.exit(server.server_proc.wait())
 
 

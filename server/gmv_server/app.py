@@ -48,8 +48,8 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
-        log.info("Prometheus metrics on port %d (/metrics)", settings.metrics_port)
+        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry)
+        log.info("Prometheus metrics on %s:%d (/metrics)", settings.metrics_host, settings.metrics_port)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -33,7 +33,7 @@ def run(args) -> int:
     logs.configure(settings.log_format)
     # Busy ports fail now, before Milvus and the models take their seconds to start.
     check_port_free(settings.host, settings.port, "port")
-    check_port_free(settings.host, settings.metrics_port, "metrics_port")
+    check_port_free(settings.metrics_host, settings.metrics_port, "metrics_port")
     # The ledger opens first: a server that cannot record must not start attributing.
     with open_ledger(settings.resolved_ledger_url()) as ledger, open_index(settings) as index:
         asyncio.run(serve(index, settings, ledger))
