@@ -114,8 +114,9 @@ class Settings:
     grace_s: float = setting(10.0, "how long SIGTERM waits for in-flight calls", "serving")
     log_format: str = setting("text", "text, or json: one object a line, with generation_id on request lines",
                               "serving", choices=("text", "json"))
-    milvus_probe_s: float = setting(15.0, "how often an idle server checks Milvus for gmv_milvus_up; 0: never",
-                                    "serving")
+    milvus_probe_s: float = setting(2.0, "how often gmv serve checks that Milvus answers (within the same time): "
+                                         "health is NOT_SERVING while it does not, and an embedded Milvus that died "
+                                         "is restarted; 0: never", "serving")
     # -- ledger
     ledger_url: str = setting("", "royalty ledger: postgresql://user:pass@host/db for replicas sharing one, or a "
                                   "SQLite file; empty: DATA_DIR/ledger.sqlite3", "ledger", secret=True)

@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -69,6 +70,7 @@ class EmbeddedMilvus:
         self._proc: subprocess.Popen | None = None
         self._lock_file = None
         self._stopped_at: float | None = None
+        self._closed = threading.Event()  # stop() was called: a restart in another thread gives up
 
     @property
     def uri(self) -> str:
@@ -78,29 +80,48 @@ class EmbeddedMilvus:
         """Start and wait until Milvus is healthy. Each attempt is bounded, and a server that
         does not come up in time is stopped and started again, so no command hangs."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._closed.clear()
         self._acquire_lock()
         try:
-            if _port_open(self.port):
-                raise IndexUnavailableError(
-                    f"port {self.port} is already in use, so the embedded Milvus cannot start there; "
-                    f"pass --milvus-port with a free port, or --milvus-uri http://127.0.0.1:{self.port} "
-                    "if a Milvus is already serving there"
-                )
-            # The last server's etcd sessions outlive it by their TTL; a new server that starts
-            # before they lapse finds its peers' stale addresses, and hangs or panics.
-            if self._stopped_at is not None:
-                time.sleep(max(0.0, self._stopped_at + SESSION_TTL_S + 2 - time.monotonic()))
-            for attempt, timeout_s in enumerate(attempt_timeouts_s, start=1):
-                if self._start_once(timeout_s):
-                    return self
-                log.info("embedded Milvus did not come up within %.0f s (attempt %d of %d); restarting it once "
-                         "its stale sessions have expired", timeout_s, attempt, len(attempt_timeouts_s))
-                if attempt < len(attempt_timeouts_s):
-                    time.sleep(SESSION_TTL_S + 2)
+            self._start_attempts(attempt_timeouts_s)
         except BaseException:
             self.stop()
             raise
-        self.stop()
+        return self
+
+    def exited(self) -> bool:
+        """The server is gone (killed, crashed): it needs a restart."""
+        proc = self._proc
+        return proc is None or proc.poll() is not None
+
+    def restart(self, attempt_timeouts_s: Sequence[float] = ATTEMPT_TIMEOUTS_S) -> None:
+        """Start again after the server died, keeping the data directory's lock throughout
+        (gmv serve's supervisor calls this from a thread; stop() makes it give up)."""
+        if self._closed.is_set():
+            raise IndexUnavailableError("the embedded Milvus is stopping")
+        self.stop_process_only()  # what is left of the group: a launcher whose server died
+        self._stopped_at = time.monotonic()
+        self._start_attempts(attempt_timeouts_s)
+
+    def _start_attempts(self, attempt_timeouts_s: Sequence[float]) -> None:
+        if _port_open(self.port):
+            raise IndexUnavailableError(
+                f"port {self.port} is already in use, so the embedded Milvus cannot start there; "
+                f"pass --milvus-port with a free port, or --milvus-uri http://127.0.0.1:{self.port} "
+                "if a Milvus is already serving there"
+            )
+        # The last server's etcd sessions outlive it by their TTL; a new server that starts
+        # before they lapse finds its peers' stale addresses, and hangs or panics.
+        if self._stopped_at is not None:
+            self._closed.wait(max(0.0, self._stopped_at + SESSION_TTL_S + 2 - time.monotonic()))
+        for attempt, timeout_s in enumerate(attempt_timeouts_s, start=1):
+            if self._start_once(timeout_s):
+                return
+            log.info("embedded Milvus did not come up within %.0f s (attempt %d of %d); restarting it once "
+                     "its stale sessions have expired", timeout_s, attempt, len(attempt_timeouts_s))
+            if attempt < len(attempt_timeouts_s):
+                self._closed.wait(SESSION_TTL_S + 2)
+        self.stop_process_only()
         raise IndexUnavailableError(
             f"the embedded Milvus did not start in {len(attempt_timeouts_s)} attempts; see {self.data_dir / 'gmv-launcher.log'} "
             f"and {self.data_dir / 'logs'}"
@@ -121,6 +142,8 @@ class EmbeddedMilvus:
             self._write_lock_holder(launcher_pgid=self._proc.pid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self._closed.is_set():
+                raise IndexUnavailableError("the embedded Milvus was stopped while it started")
             if self._proc.poll() is not None:  # e.g. a panic on a previous server's stale session
                 log.info("embedded Milvus exited during start-up (code %d); see %s", self._proc.returncode, log_path)
                 self.stop_process_only()
@@ -151,6 +174,7 @@ class EmbeddedMilvus:
             return False
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        self._closed.set()
         proc, self._proc = self._proc, None  # idempotent: safe from finally blocks and signal paths
         if proc is not None:
             _stop_group(proc, timeout_s)
@@ -298,6 +322,7 @@ def open_index(milvus_uri: str | None, data_dir: str | Path = ".gmv", port: int 
         return
     with EmbeddedMilvus(Path(data_dir) / "milvus", port=port) as server:
         index = TrainingIndex(server.uri, timeout_s=timeout_s)
+        index.embedded = server
         try:
             yield index
         finally:
@@ -356,8 +381,6 @@ def _stop_on_parent_death(server_proc: subprocess.Popen) -> None:
 
 def _serve(data_dir: str, port: int) -> None:
     """Run the embedded Milvus in the foreground until signalled (the child of EmbeddedMilvus)."""
-    import threading
-
     import milvus
     from milvus import MilvusServer, MilvusServerConfig
 

@@ -170,6 +170,7 @@ class TrainingIndex:
         # Told of every Milvus call: (operation, seconds, error or None); a server's metrics.
         self.call_observer: Callable[[str, float, BaseException | None], None] | None = None
         self.lite = is_lite_uri(uri)
+        self.embedded = None  # the EmbeddedMilvus this index was opened on, if any: gmv serve supervises it
         if self.lite:
             try:
                 import milvus_lite  # noqa: F401
@@ -226,6 +227,10 @@ class TrainingIndex:
 
     def exists(self, name: str) -> bool:
         return bool(self._call("list collections", self.client.has_collection, name))
+
+    def ping(self, name: str, timeout_s: float) -> bool:
+        """Whether Milvus answers within timeout_s (a cheap call; a health probe)."""
+        return bool(self._call("list collections", self.client.has_collection, name, timeout=timeout_s))
 
     def list_collections(self) -> list[str]:
         names = self._call("list collections", self.client.list_collections)

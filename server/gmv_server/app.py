@@ -20,6 +20,7 @@ from . import housekeeping
 from .attribution_service import AttributionService
 from .grpc_service import GrpcAttributionService, add_to_server
 from .metrics import ServerMetrics, package_version
+from .supervision import MilvusSupervisor
 
 log = logging.getLogger("gmv.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
@@ -70,8 +71,12 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     housekeeping.freeze_startup_objects()
     metrics.watch_gpu_memory(device)
     metrics.build_info.info(build_info(service, device))
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    def set_serving(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, status)
+
+    set_serving(True)
     log.info("SERVING collection%s '%s' on port %d (%d models loaded), recording to the %s ledger at %s",
              "s" if len(collections) > 1 else "", "', '".join(collections), port, len(service.models),
              ledger.backend, ledger.safe_url)
@@ -80,7 +85,9 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    probe = asyncio.create_task(probe_milvus(index, settings)) if settings.milvus_probe_s > 0 else None
+    supervisor = MilvusSupervisor(index, collections[0], metrics, set_serving, probe_s=settings.milvus_probe_s,
+                                  probe_timeout_s=settings.milvus_probe_s)
+    probe = asyncio.create_task(supervisor.run()) if settings.milvus_probe_s > 0 else None
     tidying = asyncio.create_task(housekeeping.run())  # memory back after a burst of requests
     await stopping.wait()
     log.info("stopping: draining in-flight calls for up to %.0f s", settings.grace_s)
@@ -94,13 +101,3 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
         metrics_server.shutdown()
     log.info("stopped")
 
-
-async def probe_milvus(index: TrainingIndex, settings: Settings) -> None:
-    """A cheap Milvus call every milvus_probe_s, so gmv_milvus_up (set by every call's
-    outcome) also goes to 0 when Milvus dies while no requests arrive."""
-    while True:
-        await asyncio.sleep(settings.milvus_probe_s)
-        try:
-            await asyncio.to_thread(index.exists, settings.collections[0])
-        except Exception as exc:  # noqa: BLE001 - the observer has counted it; say it once per probe
-            log.warning("Milvus probe failed: %s", exc)

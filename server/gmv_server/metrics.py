@@ -87,6 +87,13 @@ class ServerMetrics:
             self.milvus_errors.labels(operation=operation)
         self.milvus_up = Gauge("gmv_milvus_up", "1 when the last Milvus call or probe succeeded, "
                                "0 when Milvus could not be reached", registry=r)
+        self.milvus_down_seconds = Counter("gmv_milvus_down_seconds", "Seconds Milvus could not be reached "
+                                           "(health NOT_SERVING meanwhile), as the supervisor's probes saw it",
+                                           registry=r)
+        self.milvus_restarts = Counter("gmv_milvus_restarts", "Restarts of the embedded Milvus after it died, "
+                                       "by outcome (ok, failed)", ["outcome"], registry=r)
+        for outcome in ("ok", "failed"):
+            self.milvus_restarts.labels(outcome=outcome)
         self.build_info = Info("gmv_build", "The running server: version, collections, profiles, encoders, "
                                "re-rankers, quality metrics (comma-separated, in the order served) and torch device",
                                registry=r)
