@@ -149,3 +149,42 @@ def test_a_busy_port_is_refused_before_milvus_starts(tmp_path, flag):
     assert f"port {port} ({flag})" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "data" / "milvus").exists()  # refused before the embedded Milvus started
     assert time.monotonic() - started < 30
+
+
+def test_gmv_milvus_start_serves_every_command_on_its_data_dir_until_stopped(tmp_path, digits):
+    """`gmv milvus start` keeps the embedded Milvus of a data dir up in the background; other
+    commands on that data dir use it instead of starting their own; stop (or kill -9 of its
+    process) leaves nothing behind."""
+    import os
+
+    data_dir = tmp_path / "dev"
+    flags = ("--data-dir", str(data_dir), "--milvus-port", str(free_port()))
+    manifest = digits.manifest.parent / "small-for-gmv-milvus.csv"  # paths in it are relative to it
+    manifest.write_text("\n".join(digits.manifest.read_text().splitlines()[:41]) + "\n")
+    try:
+        started = gmv("milvus", "start", *flags)
+        assert started.returncode == 0 and "started the embedded Milvus" in started.stdout, started.stderr
+        assert gmv("milvus", "start", *flags).stdout.startswith("already running at http://127.0.0.1:")
+        status = gmv("milvus", "status", *flags)
+        assert status.returncode == 0 and "gmv milvus run" in status.stdout
+        built = gmv("index", "build", "--manifest", str(manifest), "--collection", "dev", "--profile", "offline",
+                    "--no-progress", *flags)
+        assert built.returncode == 0, built.stderr
+        info = gmv("index", "info", "--collection", "dev", *flags)
+        assert info.returncode == 0 and json.loads(info.stdout)["collection"] == "dev", info.stderr
+        for result in (built, info):
+            assert "using the embedded Milvus of pid" in result.stderr and "embedded Milvus is up" not in result.stderr
+        stopped = gmv("milvus", "stop", *flags)
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        assert gmv("milvus", "status", *flags).returncode == 3
+        assert processes_mentioning(str(data_dir)) == []
+        # kill -9 of the background process: its Milvus goes too (the death pipe), at once.
+        assert gmv("milvus", "start", *flags).returncode == 0
+        pid = int(gmv("milvus", "status", *flags).stdout.split("(pid ")[1].split(",")[0])
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while processes_mentioning(str(data_dir)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_mentioning(str(data_dir)) == []
+    finally:
+        gmv("milvus", "stop", *flags)

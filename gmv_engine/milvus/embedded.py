@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -64,9 +65,10 @@ def _port_open(port: int) -> bool:
 class EmbeddedMilvus:
     """Start/stop the embedded Milvus on `data_dir`. Use as a context manager."""
 
-    def __init__(self, data_dir: str | Path, port: int = DEFAULT_PORT):
+    def __init__(self, data_dir: str | Path, port: int = DEFAULT_PORT, owner: str = ""):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self.owner = owner or _command_name()
         self._proc: subprocess.Popen | None = None
         self._lock_file = None
         self._stopped_at: float | None = None
@@ -161,17 +163,9 @@ class EmbeddedMilvus:
             _stop_group(proc, STOP_TIMEOUT_S)
 
     def _healthy(self) -> bool:
-        """Every component healthy, as Milvus' own /healthz says. (Not a pymilvus call: pymilvus
-        pools connections per URI, and one made while the server is still starting keeps
-        failing after the server is up.)"""
-        import urllib.request
-
-        try:
-            healthz_port = int((self.data_dir / HEALTHZ_PORT_FILE).read_text())
-            with urllib.request.urlopen(f"http://127.0.0.1:{healthz_port}/healthz", timeout=2) as response:
-                return b"OK" in response.read()
-        except (OSError, ValueError):
-            return False
+        """Milvus' own /healthz. (Not a pymilvus call: pymilvus pools connections per URI, and
+        one made while the server is still starting keeps failing after the server is up.)"""
+        return _healthz_ok(self.data_dir)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         self._closed.set()
@@ -192,7 +186,8 @@ class EmbeddedMilvus:
         except BlockingIOError:
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip()
-            owner, launcher = _lock_holder(holder)
+            parsed = LockHolder.parse(holder)
+            owner, launcher = parsed.pid, parsed.launcher
             if owner is not None and not _alive(owner) and launcher is not None:
                 log.warning("the data directory %s is held by the embedded Milvus of pid %d, which is gone; "
                             "stopping that Milvus (process group %d)", self.data_dir, owner, launcher)
@@ -223,7 +218,8 @@ class EmbeddedMilvus:
     def _write_lock_holder(self, launcher_pgid: int | None) -> None:
         self._lock_file.seek(0)
         self._lock_file.truncate()
-        self._lock_file.write(f"pid {os.getpid()} (embedded Milvus on port {self.port})\n")
+        self._lock_file.write(f"pid {os.getpid()} (embedded Milvus on port {self.port})\nport {self.port}\n"
+                              f"owner {self.owner}\n")
         if launcher_pgid is not None:
             self._lock_file.write(f"launcher {launcher_pgid}\n")
         self._lock_file.flush()
@@ -272,18 +268,72 @@ def _signal_group_until_gone(proc: subprocess.Popen, timeout_s: float) -> None:
         pass
 
 
-def _lock_holder(text: str) -> tuple[int | None, int | None]:
-    """(GMV pid, launcher process group) from a lock file's text."""
-    owner = launcher = None
-    for line in text.splitlines():
-        word, _, rest = line.partition(" ")
-        number = rest.split(" ", 1)[0]
-        if number.isdigit():
-            if word == "pid":
-                owner = int(number)
-            elif word == "launcher":
-                launcher = int(number)
-    return owner, launcher
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a data directory, from its lock file: the GMV process, its launcher's process
+    group, the proxy's port and what the owner is (`gmv serve`, `gmv milvus run`, ...)."""
+
+    pid: int | None = None
+    launcher: int | None = None
+    port: int | None = None
+    owner: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "LockHolder":
+        numbers: dict[str, int] = {}
+        owner = ""
+        for line in text.splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "owner":
+                owner = rest.strip()
+            elif (number := rest.split(" ", 1)[0]).isdigit():
+                numbers[word] = int(number)
+        return cls(numbers.get("pid"), numbers.get("launcher"), numbers.get("port"), owner)
+
+
+def running_server(data_dir: str | Path, wait_s: float = 0.0) -> LockHolder | None:
+    """The embedded Milvus another live GMV process runs on `data_dir` (`gmv milvus start`, a
+    `gmv serve`), once healthy; None when nobody holds the directory. A holder still starting
+    its Milvus is waited for, up to wait_s."""
+    data_dir = Path(data_dir).resolve()
+    lock_path = data_dir / "gmv.lock"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(lock_path) as lock_file:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return None  # nobody holds it (we only probed: the lock goes with the file)
+                except BlockingIOError:
+                    holder = LockHolder.parse(lock_file.read())
+        except FileNotFoundError:
+            return None
+        if holder.pid is not None and _alive(holder.pid) and holder.port and holder.launcher is not None:
+            if _port_open(holder.port) and _healthz_ok(data_dir):
+                return holder
+        if time.monotonic() >= deadline or holder.pid is None or not _alive(holder.pid):
+            return None
+        time.sleep(0.2)
+
+
+def _healthz_ok(data_dir: Path) -> bool:
+    """Every component healthy, as Milvus' own /healthz says."""
+    import urllib.request
+
+    try:
+        healthz_port = int((data_dir / HEALTHZ_PORT_FILE).read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{healthz_port}/healthz", timeout=2) as response:
+            return b"OK" in response.read()
+    except (OSError, ValueError):
+        return False
+
+
+def _command_name() -> str:
+    """`gmv serve`, `gmv index`, ... (or the program's name): who holds a data dir, for messages."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program in ("gmv", "cli.py") and len(sys.argv) > 1:
+        return f"gmv {sys.argv[1]}"
+    return program
 
 
 def _alive(pid: int) -> bool:
@@ -319,6 +369,12 @@ def open_index(milvus_uri: str | None, data_dir: str | Path = ".gmv", port: int 
             yield index
         finally:
             index.close()
+        return
+    running = running_server(Path(data_dir) / "milvus", wait_s=ATTEMPT_TIMEOUTS_S[0])
+    if running is not None:  # `gmv milvus start` or a `gmv serve` runs one there: use it
+        log.info("using the embedded Milvus of pid %d (%s) on port %d", running.pid, running.owner, running.port)
+        with contextlib.closing(TrainingIndex(f"http://127.0.0.1:{running.port}", timeout_s=timeout_s)) as index:
+            yield index
         return
     with EmbeddedMilvus(Path(data_dir) / "milvus", port=port) as server:
         index = TrainingIndex(server.uri, timeout_s=timeout_s)

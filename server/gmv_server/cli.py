@@ -2,8 +2,9 @@
 model weights, run the demo and the evaluation. Each command is a module listed in
 `gmv_server.commands.COMMANDS`; every setting comes from `gmv_engine.settings`.
 
-With no --milvus-uri every command starts the embedded Milvus on --data-dir (default .gmv/)
-and stops it before exiting; with --milvus-uri it uses that Milvus and starts nothing.
+With no --milvus-uri a command uses the embedded Milvus of --data-dir (default .gmv/): the one
+`gmv milvus start` or a `gmv serve` runs there, else one it starts and stops before exiting.
+With --milvus-uri it uses that Milvus and starts nothing.
 
 Exit status: 0 success; 1 some rows or images were bad (the rest were processed);
 2 the command could not run (bad arguments, missing collection or weights, Milvus down).

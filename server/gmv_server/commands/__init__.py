@@ -4,6 +4,7 @@ COMMANDS = {
     "index": "gmv_server.commands.index",
     "attribute": "gmv_server.commands.attribute",
     "serve": "gmv_server.commands.serve",
+    "milvus": "gmv_server.commands.milvus",
     "ledger": "gmv_server.commands.ledger",
     "models": "gmv_server.commands.models",
     "demo": "gmv_server.commands.demo",
