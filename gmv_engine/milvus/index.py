@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 FEATURES_SUFFIX = "__rerank"
+INFO_PROPERTY = "gmv.info"  # where CollectionInfo lives on servers that keep no description (Milvus Lite)
 MAX_TRAINING_ID = 1024
 MAX_CONTRIBUTOR_ID = 256
 # Attribution reads rows that never change once written, so it reads with Bounded consistency
@@ -242,7 +243,8 @@ class TrainingIndex:
                 f"collection '{name}' does not exist in Milvus at {self.uri}; build it with `gmv index build`"
             )
         description = self._call("describe collection", self.client.describe_collection, name)
-        info = CollectionInfo.from_json(description.get("description", ""))
+        info = CollectionInfo.from_json(description.get("description", "")
+                                        or (description.get("properties") or {}).get(INFO_PROPERTY, ""))
         if info is None:
             raise IncompatibleCollectionError(f"collection '{name}' was not built by GMV (no GMV description)")
         return info
@@ -294,6 +296,9 @@ class TrainingIndex:
         # The main collection last: its existence is what marks the pair as created.
         self._call("create collection", self.client.create_collection, name, schema=schema,
                    index_params=index_params, consistency_level="Bounded")
+        if self.lite:  # Milvus Lite keeps no collection description: the same JSON as a property
+            self._call("alter collection", self.client.alter_collection_properties, name,
+                       properties={INFO_PROPERTY: info.to_json()})
         self.load(name)
 
     def drop(self, name: str) -> None:
@@ -431,7 +436,8 @@ class TrainingIndex:
         )
         return [
             [
-                Hit(pk=int(hit["id"]), training_id=hit["entity"]["training_id"],
+                # The key is `id` from Milvus 2.3 and 2.4, the key field's name (`pk`) from Lite 3.x.
+                Hit(pk=int(hit["id"] if "id" in hit else hit["pk"]), training_id=hit["entity"]["training_id"],
                     contributor_id=hit["entity"]["contributor_id"],
                     distance=float(math.sqrt(max(hit["distance"], 0.0))))  # Milvus L2 is squared
                 for hit in hits
