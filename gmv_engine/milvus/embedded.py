@@ -47,6 +47,7 @@ ATTEMPT_TIMEOUTS_S = (90.0, 120.0)  # a healthy start takes 5-25 s here
 STOP_TIMEOUT_S = 10.0  # its graceful stop can take minutes with collections loaded; GMV flushes every write first
 HEALTHZ_PORT_FILE = "gmv-healthz-port"
 PARENT_DEATH_GRACE_S = 2.0  # an orphaned server is stopped fast: its GMV process flushed every write
+GRACEFUL_STOP_S = 8  # Milvus forces its own exit after this, within GMV's STOP_TIMEOUT_S
 SESSION_TTL_S = 10  # etcd lease of each Milvus component's session (Milvus' default: 30 s)
 
 
@@ -403,7 +404,13 @@ def _loopback_template(etcd_config: Path) -> str:
         elif line.startswith("  endpoints: localhost:{{ etcd_port"):
             lines.append(line)
             line = f"  config:\n    path: {etcd_config}"
+        elif line.strip().startswith("gracefulStopTimeout: 1800"):
+            line = f"  gracefulStopTimeout: {GRACEFUL_STOP_S}"
         lines.append(line)
+        if line in ("queryNode:", "indexNode:"):
+            # A stopping node waits for the coordinators to move its segments elsewhere, but in a
+            # standalone server they have stopped first: it waited out its 30 s timeout.
+            lines.append("  gracefulStopTimeout: 1")
     return "\n".join(lines)
 
 
