@@ -102,8 +102,9 @@ class EmbeddedMilvus:
         (gmv serve's supervisor calls this from a thread; stop() makes it give up)."""
         if self._closed.is_set():
             raise IndexUnavailableError("the embedded Milvus is stopping")
+        # No wait for the dead server's etcd sessions to lapse: their leases restart with the
+        # embedded etcd, so waiting here only adds to the time down (measured: 12 s more).
         self.stop_process_only()  # what is left of the group: a launcher whose server died
-        self._stopped_at = time.monotonic()
         self._start_attempts(attempt_timeouts_s)
 
     def _start_attempts(self, attempt_timeouts_s: Sequence[float]) -> None:
