@@ -53,3 +53,11 @@ class GenerationConflictError(GMVError):
 class LedgerUnavailableError(GMVError):
     """The ledger's database cannot be reached or failed a write (UNAVAILABLE); nothing of the
     failed record was kept."""
+
+
+class UnauthenticatedError(GMVError):
+    """No credential, or one that is unknown, revoked or expired (UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(GMVError):
+    """A valid credential without the role, or for another tenant (PERMISSION_DENIED)."""

@@ -62,6 +62,52 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             settings_hash TEXT PRIMARY KEY,
             settings TEXT NOT NULL)""",
     ]),
+    # A generation_id is the caller's: two tenants may use the same one for two generations, and
+    # a replay must only ever find the caller's own record. Tables rebuilt (SQLite cannot alter a
+    # primary key); the rows keep their tenant.
+    (2, "generations keyed by (tenant_id, generation_id); credits carry their tenant", [
+        """CREATE TABLE generations_v2 (
+            tenant_id TEXT NOT NULL,
+            generation_id TEXT NOT NULL,
+            recorded_at DOUBLE PRECISION NOT NULL,
+            collection TEXT NOT NULL,
+            profile TEXT NOT NULL,
+            settings_hash TEXT NOT NULL,
+            image_sha256 TEXT NOT NULL,
+            quality DOUBLE PRECISION NOT NULL,
+            CONSTRAINT generations_key PRIMARY KEY (tenant_id, generation_id))""",
+        "INSERT INTO generations_v2 SELECT tenant_id, generation_id, recorded_at, collection, profile, settings_hash, "
+        "image_sha256, quality FROM generations",
+        """CREATE TABLE credits_v2 (
+            tenant_id TEXT NOT NULL,
+            generation_id TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            training_id TEXT NOT NULL,
+            contributor_id TEXT NOT NULL,
+            credit DOUBLE PRECISION NOT NULL,
+            distance DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (tenant_id, generation_id, rank),
+            FOREIGN KEY (tenant_id, generation_id) REFERENCES generations_v2 (tenant_id, generation_id))""",
+        "INSERT INTO credits_v2 SELECT g.tenant_id, c.generation_id, c.rank, c.training_id, c.contributor_id, "
+        "c.credit, c.distance FROM credits c JOIN generations g ON g.generation_id = c.generation_id",
+        "DROP TABLE credits",
+        "DROP TABLE generations",
+        "ALTER TABLE generations_v2 RENAME TO generations",
+        "ALTER TABLE credits_v2 RENAME TO credits",
+        "CREATE INDEX generations_recorded_at ON generations (recorded_at)",
+        "CREATE INDEX credits_training_id ON credits (training_id)",
+        "CREATE INDEX credits_contributor_id ON credits (contributor_id)",
+    ]),
+    (3, "API keys: each scoped to one tenant and to roles, stored as a SHA-256 of the secret", [
+        """CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            secret_sha256 TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            roles TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION)""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -135,7 +181,89 @@ def image_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Ledger:
+ROLES = ("attribute", "read", "admin")
+KEY_PREFIX = "gmv_"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key's record (never its secret): `gmv keys list` and the server's authentication."""
+
+    key_id: str
+    tenant_id: str
+    roles: tuple[str, ...]
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    secret_sha256: str = ""
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(key_id, secret) of a key as `gmv keys create` prints it: gmv_<key_id>_<secret>."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    key_id, _, secret = key[len(KEY_PREFIX):].partition("_")
+    return (key_id, secret) if key_id and secret else None
+
+
+def key_digest(key: str) -> str:
+    # The secret is 256 random bits, so a plain SHA-256 is as strong as a slow hash here.
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeysMixin:
+    """API keys in the ledger's database (the Ledger class below mixes this in)."""
+
+    def create_key(self, tenant_id: str, roles: Sequence[str], expires_at: float | None = None) -> tuple[ApiKey, str]:
+        """A new random key for `tenant_id` with `roles`: (its record, the key itself, shown once)."""
+        import secrets
+
+        bad = sorted(set(roles) - set(ROLES))
+        if bad or not roles:
+            raise GMVError(f"roles must be some of {', '.join(ROLES)}; got {', '.join(roles) or 'none'}")
+        if not tenant_id or len(tenant_id.encode("utf-8")) > 128 or not tenant_id.isprintable():
+            raise GMVError("a key needs a tenant: 1 to 128 bytes of printable UTF-8")
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        record = ApiKey(key_id, tenant_id, tuple(dict.fromkeys(roles)), time.time(), expires_at, None, key_digest(key))
+        self._write("creating an API key", "INSERT INTO api_keys (key_id, secret_sha256, tenant_id, roles, created_at, "
+                    "expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                    (key_id, record.secret_sha256, tenant_id, ",".join(record.roles), record.created_at, expires_at))
+        return record, key
+
+    def find_key(self, key_id: str) -> ApiKey | None:
+        rows = self._query("SELECT key_id, tenant_id, roles, created_at, expires_at, revoked_at, secret_sha256 "
+                           "FROM api_keys WHERE key_id = ?", (key_id,), "reading an API key")
+        return _api_key(rows[0]) if rows else None
+
+    def list_keys(self) -> list[ApiKey]:
+        rows = self._query("SELECT key_id, tenant_id, roles, created_at, expires_at, revoked_at, '' FROM api_keys "
+                           "ORDER BY created_at, key_id", (), "listing API keys")
+        return [_api_key(row) for row in rows]
+
+    def keys_exist(self) -> bool:
+        """Whether any key was ever created (revoked ones count: revoking the last key must not
+        open the server to everyone)."""
+        return bool(self._query("SELECT COUNT(*) FROM api_keys", (), "counting API keys")[0][0])
+
+    def revoke_key(self, key_id_or_key: str) -> ApiKey | None:
+        """Revoke by key id or by the key itself; the revoked key's record, None if unknown."""
+        parts = split_key(key_id_or_key)
+        key_id = parts[0] if parts else key_id_or_key
+        self._write("revoking an API key", "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                    (time.time(), key_id))
+        return self.find_key(key_id)
+
+
+def _api_key(row) -> ApiKey:
+    key_id, tenant, roles, created, expires, revoked, digest = row
+    return ApiKey(key_id, tenant, tuple(r for r in roles.split(",") if r), created, expires, revoked, digest)
+
+
+class Ledger(KeysMixin):
     """One connection, used under a lock (the server writes from worker threads). Open with
     `open_ledger(url)`."""
 
@@ -271,13 +399,14 @@ class Ledger:
             conn = self._connection()
             try:
                 self._begin(conn)
-                stored: dict[str, tuple[GenerationRecord, bool]] = {}
+                stored: dict[tuple[str, str], tuple[GenerationRecord, bool]] = {}
                 for record in records:
-                    if record.generation_id not in stored:
-                        earlier = self._get(conn, record.generation_id)
+                    key = (record.tenant_id, record.generation_id)
+                    if key not in stored:
+                        earlier = self._get(conn, record.generation_id, record.tenant_id)
                         if earlier is None:
                             self._insert(conn, record)
-                        stored[record.generation_id] = (earlier, False) if earlier else (record, True)
+                        stored[key] = (earlier, False) if earlier else (record, True)
                 conn.execute("COMMIT")
             except Exception as exc:  # noqa: BLE001
                 self._rollback(conn)
@@ -290,14 +419,14 @@ class Ledger:
                 return [self._outcome(records[0], self._earlier(records[0]))]
         outcomes = []
         for record in records:
-            first, new = stored[record.generation_id]
+            first, new = stored[(record.tenant_id, record.generation_id)]
             # A second request for an id inside this same batch replays the first.
             earlier = None if new and first is record else first
             outcomes.append(self._outcome(record, earlier))
         return outcomes
 
     def _earlier(self, record: GenerationRecord) -> GenerationRecord:
-        earlier = self.get(record.generation_id)
+        earlier = self.get(record.generation_id, record.tenant_id)
         if earlier is None:
             raise GMVError(f"generation '{record.generation_id}' hit a duplicate key but is not in the ledger")
         return earlier
@@ -318,9 +447,9 @@ class Ledger:
                             "settings_hash, image_sha256, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                       (record.generation_id, record.recorded_at, record.tenant_id, record.collection, record.profile,
                        record.settings_hash, record.image_sha256, record.quality))
-        statement = self._sql("INSERT INTO credits (generation_id, rank, training_id, contributor_id, credit, distance) "
-                              "VALUES (?, ?, ?, ?, ?, ?)")
-        rows = [(record.generation_id, c.rank, c.training_id, c.contributor_id, c.credit, c.distance)
+        statement = self._sql("INSERT INTO credits (tenant_id, generation_id, rank, training_id, contributor_id, "
+                              "credit, distance) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        rows = [(record.tenant_id, record.generation_id, c.rank, c.training_id, c.contributor_id, c.credit, c.distance)
                 for c in record.credits]
         if rows:
             conn.cursor().executemany(statement, rows)
@@ -330,24 +459,41 @@ class Ledger:
                           (record.settings_hash, json.dumps(record.settings, sort_keys=True)))
 
     # -- reading ------------------------------------------------------------------------------
-    def get(self, generation_id: str) -> GenerationRecord | None:
+    def get(self, generation_id: str, tenant_id: str | None = None) -> GenerationRecord | None:
+        """Tenant `tenant_id`'s generation `generation_id`; with tenant_id None, any tenant's
+        (an operator's lookup: the first tenant in order when several used the id)."""
         with self._lock:
             try:
-                return self._get(self._connection(), generation_id)
+                return self._get(self._connection(), generation_id, tenant_id)
             except GMVError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise self._fail(exc, f"reading generation '{generation_id}'") from exc
 
-    def _get(self, conn, generation_id: str) -> GenerationRecord | None:
+    def _get(self, conn, generation_id: str, tenant_id: str | None) -> GenerationRecord | None:
+        tenant_clause, params = ("", (generation_id,)) if tenant_id is None else (" AND tenant_id = ?",
+                                                                                (generation_id, tenant_id))
         row = self._execute(conn, "SELECT generation_id, tenant_id, collection, profile, settings_hash, image_sha256, "
-                                  "quality, recorded_at FROM generations WHERE generation_id = ?",
-                            (generation_id,)).fetchone()
+                                  "quality, recorded_at FROM generations WHERE generation_id = ?" + tenant_clause +
+                                  " ORDER BY tenant_id LIMIT 1", params).fetchone()
         if row is None:
             return None
         credits = self._execute(conn, "SELECT rank, training_id, contributor_id, credit, distance FROM credits "
-                                      "WHERE generation_id = ? ORDER BY rank", (generation_id,)).fetchall()
+                                      "WHERE generation_id = ? AND tenant_id = ? ORDER BY rank",
+                                (generation_id, row[1])).fetchall()
         return GenerationRecord(*row[:7], credits=tuple(Credit(*c) for c in credits), recorded_at=row[7])
+
+    def _write(self, doing: str, statement: str, params: Sequence[Any]) -> None:
+        """One statement in its own transaction."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                self._begin(conn)
+                self._execute(conn, statement, params)
+                conn.execute("COMMIT")
+            except Exception as exc:  # noqa: BLE001
+                self._rollback(conn)
+                raise self._fail(exc, doing) from exc
 
     def _query(self, statement: str, params: Sequence[Any], doing: str) -> list[tuple]:
         with self._lock:
@@ -370,7 +516,8 @@ class Ledger:
             where += (" AND " if where else " WHERE ") + f"c.training_id IN ({', '.join('?' * len(ids))})"
             params += ids
         statement = ("SELECT c.training_id, MIN(c.contributor_id), SUM(c.credit) AS value, COUNT(*) "
-                     "FROM credits c JOIN generations g ON g.generation_id = c.generation_id" + where +
+                     "FROM credits c JOIN generations g ON g.tenant_id = c.tenant_id AND g.generation_id = c.generation_id"
+                     + where +
                      " GROUP BY c.training_id ORDER BY value DESC, c.training_id")
         if limit:
             statement += f" LIMIT {int(limit)}"
@@ -382,7 +529,7 @@ class Ledger:
         where, params = window.where()
         statement = ("SELECT c.contributor_id, SUM(c.credit) AS value, COUNT(DISTINCT c.generation_id), "
                      "COUNT(DISTINCT c.training_id) FROM credits c JOIN generations g "
-                     "ON g.generation_id = c.generation_id" + where +
+                     "ON g.tenant_id = c.tenant_id AND g.generation_id = c.generation_id" + where +
                      " GROUP BY c.contributor_id ORDER BY value DESC, c.contributor_id")
         if limit:
             statement += f" LIMIT {int(limit)}"
@@ -394,7 +541,7 @@ class Ledger:
         where, params = window.where()
         generations = self._query("SELECT COUNT(*) FROM generations g" + where, params, "counting generations")
         credit = self._query("SELECT COALESCE(SUM(c.credit), 0) FROM credits c JOIN generations g "
-                             "ON g.generation_id = c.generation_id" + where, params, "summing credits")
+                             "ON g.tenant_id = c.tenant_id AND g.generation_id = c.generation_id" + where, params, "summing credits")
         return int(generations[0][0]), float(credit[0][0])
 
     def integrity_problems(self) -> list[str]:
@@ -402,14 +549,15 @@ class Ledger:
         generation whose credits do not sum to its quality. Empty when all is well."""
         problems = []
         orphans = self._query("SELECT COUNT(*) FROM credits c LEFT JOIN generations g "
-                              "ON g.generation_id = c.generation_id WHERE g.generation_id IS NULL", (), "checking")
+                              "ON g.tenant_id = c.tenant_id AND g.generation_id = c.generation_id "
+                              "WHERE g.generation_id IS NULL", (), "checking")
         if orphans[0][0]:
             problems.append(f"{orphans[0][0]} credit rows without their generation")
         # Credits are q * softmax, so they sum to q (up to float rounding); an empty top-k sums to 0.
         unbalanced = self._query(
             "SELECT g.generation_id, g.quality, COALESCE(SUM(c.credit), 0), COUNT(c.rank), COALESCE(MAX(c.rank), 0) "
-            "FROM generations g LEFT JOIN credits c ON c.generation_id = g.generation_id "
-            "GROUP BY g.generation_id, g.quality", (), "checking")
+            "FROM generations g LEFT JOIN credits c ON c.tenant_id = g.tenant_id AND c.generation_id = g.generation_id "
+            "GROUP BY g.tenant_id, g.generation_id, g.quality", (), "checking")
         for generation_id, quality, total, count, max_rank in unbalanced:
             if count != max_rank:
                 problems.append(f"generation '{generation_id}' has {count} credits but ranks up to {max_rank}")
@@ -423,7 +571,8 @@ class Ledger:
         where, params = window.where()
         statement = ("SELECT g.generation_id, g.recorded_at, g.tenant_id, g.collection, g.profile, g.settings_hash, "
                      "g.quality, c.rank, c.training_id, c.contributor_id, c.credit, c.distance "
-                     "FROM credits c JOIN generations g ON g.generation_id = c.generation_id" + where +
+                     "FROM credits c JOIN generations g ON g.tenant_id = c.tenant_id AND g.generation_id = c.generation_id"
+                     + where +
                      " ORDER BY g.recorded_at, g.generation_id, c.rank")
         yield from self._query(statement, params, "exporting credits")
 
@@ -495,7 +644,7 @@ class PostgresLedger(Ledger):
     def _is_duplicate_key(self, exc: Exception) -> bool:
         import psycopg
 
-        return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "generations_pkey"
+        return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "generations_key"
 
     def _is_unavailable(self, exc: Exception) -> bool:
         import psycopg

@@ -25,6 +25,7 @@ GROUPS = {
     "ingest": "ingest: building a training index",
     "serving": "serving: the gRPC server, its batcher and metrics",
     "ledger": "ledger: where credits are recorded",
+    "security": "security: TLS on the gRPC port (API keys: `gmv keys`, docs/SECURITY.md)",
 }
 
 
@@ -117,6 +118,12 @@ class Settings:
     milvus_probe_s: float = setting(2.0, "how often gmv serve checks that Milvus answers (within the same time): "
                                          "health is NOT_SERVING while it does not, and an embedded Milvus that died "
                                          "is restarted; 0: never", "serving")
+    # -- security
+    tls_cert: str = setting("", "PEM certificate (chain) file of the gRPC port; with tls_key, the port speaks TLS only",
+                            "security")
+    tls_key: str = setting("", "PEM private key file of tls_cert", "security")
+    tls_client_ca: str = setting("", "PEM file of the CAs whose client certificates are accepted: mutual TLS, "
+                                     "every caller must present one (its common name is its tenant)", "security")
     # -- ledger
     ledger_url: str = setting("", "royalty ledger: postgresql://user:pass@host/db for replicas sharing one, or a "
                                   "SQLite file; empty: DATA_DIR/ledger.sqlite3", "ledger", secret=True)
@@ -158,6 +165,8 @@ class Settings:
             raise ValueError(f"max_tenant_queue_share must be in (0, 1], not {self.max_tenant_queue_share}")
         if self.max_tenant_line_mb < 0:
             raise ValueError(f"max_tenant_line_mb must be >= 0, not {self.max_tenant_line_mb}")
+        if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_client_ca and not self.tls_cert):
+            raise ValueError("TLS needs tls_cert and tls_key together (and both for tls_client_ca)")
         self.check_query()
 
     def check_query(self) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from gmv_engine.errors import GenerationConflictError, GMVError, LedgerUnavailableError
 from gmv_engine.credit import Credit
-from gmv_engine.ledger import GenerationRecord, Window, open_ledger, settings_hash
+from gmv_engine.ledger import SCHEMA_VERSION, GenerationRecord, Window, open_ledger, settings_hash
 
 
 def make_record(generation_id: str, credits: list[tuple[str, str, float]], image: str = "image-a",
@@ -116,9 +116,9 @@ def test_two_replicas_recording_the_same_ids_at_once_record_each_once(ledger_url
 def test_schema_migrations_run_once_and_a_newer_schema_is_refused(ledger_url):
     with open_ledger(ledger_url) as ledger:
         ledger.record(RECORDS[0])
-        assert ledger.schema_version() == 1
+        assert ledger.schema_version() == SCHEMA_VERSION
     with open_ledger(ledger_url) as ledger:  # reopening migrates nothing and keeps the data
-        assert ledger.schema_version() == 1 and ledger.totals()[0] == 1
+        assert ledger.schema_version() == SCHEMA_VERSION and ledger.totals()[0] == 1
         ledger._execute(ledger._connection(), "INSERT INTO schema_migrations VALUES (99, 'future', 0)")
     with pytest.raises(GMVError, match="schema version 99"):
         open_ledger(ledger_url)
@@ -148,3 +148,38 @@ def test_ledger_urls():
 
     assert Ledger.safe_url.fget(type("L", (), {"url": "postgresql://gmv:secret@db:5432/x"})()) == \
         "postgresql://gmv:***@db:5432/x"
+
+
+def test_a_version_1_ledger_is_migrated_to_per_tenant_ids_keeping_every_record(ledger_url, monkeypatch):
+    """Ledgers written before generations were keyed by (tenant, id) keep every record and
+    credit; afterwards two tenants may record the same generation_id, each its own."""
+    import dataclasses
+
+    import gmv_engine.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", ledger_module.MIGRATIONS[:1])
+    monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", 1)
+    with open_ledger(ledger_url) as ledger:  # rows as version 1 wrote them
+        conn = ledger._connection()
+        ledger._begin(conn)
+        for r in RECORDS:
+            ledger._execute(conn, "INSERT INTO generations (generation_id, recorded_at, tenant_id, collection, profile, "
+                                  "settings_hash, image_sha256, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (r.generation_id, r.recorded_at, r.tenant_id, r.collection, r.profile, r.settings_hash,
+                             r.image_sha256, r.quality))
+            for c in r.credits:
+                ledger._execute(conn, "INSERT INTO credits (generation_id, rank, training_id, contributor_id, credit, "
+                                      "distance) VALUES (?, ?, ?, ?, ?, ?)",
+                                (r.generation_id, c.rank, c.training_id, c.contributor_id, c.credit, c.distance))
+        conn.execute("COMMIT")
+    monkeypatch.undo()
+    before = [dataclasses.replace(r, settings={}) for r in RECORDS]  # settings are not read back
+    with open_ledger(ledger_url) as ledger:
+        assert ledger.schema_version() == SCHEMA_VERSION
+        assert [ledger.get(r.generation_id, r.tenant_id) for r in RECORDS] == before
+        assert not ledger.integrity_problems()
+        other_tenant = dataclasses.replace(RECORDS[0], tenant_id=RECORDS[0].tenant_id + "-other", image_sha256="f" * 64)
+        stored, new = ledger.record(other_tenant)
+        assert new and ledger.get(other_tenant.generation_id, other_tenant.tenant_id).image_sha256 == "f" * 64
+        assert ledger.get(RECORDS[0].generation_id, RECORDS[0].tenant_id) == before[0]  # the first tenant's, untouched
+        assert ledger.totals()[0] == len(RECORDS) + 1 and not ledger.integrity_problems()

@@ -150,7 +150,7 @@ def test_cli_through_the_server_with_collection_tenant_prefix_and_no_record(serv
     impostor = Path(server["log"]).parent / Path(paths[0]).name
     shutil.copy(read_heldout(digits.heldout)[30][0], impostor)  # same stem, another image
     conflict = _gmv("attribute", str(impostor), paths[1], "--server", server["target"], "--collection", LOW,
-                    "--id-prefix", "run2-", "--json")
+                    "--tenant", "t", "--id-prefix", "run2-", "--json")  # ids are per tenant
     assert conflict.returncode == 1
     assert f"{impostor}:" in conflict.stderr and "already recorded with a different image" in conflict.stderr
     assert [json.loads(line)["generation_id"] for line in conflict.stdout.splitlines()] == [f"run2-{Path(paths[1]).stem}"]

@@ -150,7 +150,7 @@ def test_a_node_client_streams_1000_generations_as_fast_as_it_can(node, server, 
     with sqlite3.connect(server["ledger"]) as db:
         rows = db.execute("SELECT generation_id, COUNT(*) FROM generations WHERE tenant_id = ? GROUP BY generation_id",
                           (TENANT,)).fetchall()
-        credits = db.execute("SELECT COUNT(*) FROM credits JOIN generations USING (generation_id) "
+        credits = db.execute("SELECT COUNT(*) FROM credits JOIN generations USING (tenant_id, generation_id) "
                              "WHERE tenant_id = ?", (TENANT,)).fetchone()[0]
     assert sorted(gid for gid, _ in rows) == sorted(recorded) and all(count == 1 for _, count in rows)
     assert credits == 10 * len(recorded)

@@ -5,6 +5,11 @@
         result = gmv.attribute(png_bytes, generation_id="gen-1")
         print(result.quality, result.contributors)
 
+A server that requires keys takes `api_key=` (or the GMV_API_KEY environment variable); one
+that speaks TLS takes `tls_ca="ca.pem"` (or True for the system's roots), and under mutual TLS
+`tls_cert=`/`tls_key=` too. The tenant is the key's: `tenant_id=` may only repeat it (an
+admin key may name any).
+
 Retries ride out a server restart: UNAVAILABLE (server down, restarting, warming up, or its
 Milvus or ledger down) and RESOURCE_EXHAUSTED (queue full) are retried until the call's
 deadline (`timeout_s`, 30 s by default; every public method also takes `timeout_s=` for one
@@ -212,6 +217,30 @@ def _channel_options(max_backoff_s: float) -> list[tuple[str, int]]:
             ("grpc.max_reconnect_backoff_ms", reconnect_ms)]
 
 
+def _tls_credentials(ca: str | bool | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS when asked for: ca is a PEM file of the server's CA, or True for the system's roots;
+    cert and key, PEM files, present a client certificate (mutual TLS)."""
+    if not (ca or cert):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca) if isinstance(ca, str) else None,
+                                        private_key=read(key), certificate_chain=read(cert))
+
+
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The API key (gmv keys create) on every call; GMV_API_KEY when none is given."""
+    import os
+
+    api_key = api_key or os.environ.get("GMV_API_KEY") or ""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class GMVClient:
     """A blocking client. timeout_s: each call's overall deadline, retries included (a method's
     `timeout_s=` overrides it for one call). retries: at most this many retries (None: retry
@@ -219,8 +248,14 @@ class GMVClient:
     backoff between attempts (see the module's docstring)."""
 
     def __init__(self, target: str, timeout_s: float = 30.0, retries: int | None = None, backoff_s: float = 0.1,
-                 channel: grpc.Channel | None = None, *, backoff_multiplier: float = 2.0, max_backoff_s: float = 2.0):
-        self.channel = channel or grpc.insecure_channel(target, options=_channel_options(max_backoff_s))
+                 channel: grpc.Channel | None = None, *, backoff_multiplier: float = 2.0, max_backoff_s: float = 2.0,
+                 api_key: str | None = None, tls_ca: str | bool | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
+        credentials = _tls_credentials(tls_ca, tls_cert, tls_key)
+        self.channel = channel or (
+            grpc.secure_channel(target, credentials, options=_channel_options(max_backoff_s)) if credentials
+            else grpc.insecure_channel(target, options=_channel_options(max_backoff_s)))
+        self.metadata = _auth_metadata(api_key)
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.backoff_multiplier, self.max_backoff_s = backoff_multiplier, max_backoff_s
@@ -246,7 +281,7 @@ class GMVClient:
         request = _request(image, generation_id, top_k, tenant_id, record, collection)
 
         def call(timeout):
-            responses = self.stub.Attribute(request, timeout=timeout)
+            responses = self.stub.Attribute(request, timeout=timeout, metadata=self.metadata)
             return list(responses), _ledger_state(responses.trailing_metadata())
 
         credits, ledger = self._retrying(call, timeout_s)
@@ -261,34 +296,34 @@ class GMVClient:
         back, or the whole stream; recorded ones come back as "replayed", never twice."""
         messages = (_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record, collection) for r in requests)
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        for message in self.stub.AttributeStream(messages, timeout=timeout):
+        for message in self.stub.AttributeStream(messages, timeout=timeout, metadata=self.metadata):
             yield _from_result(message)
 
     def valuation(self, since: Moment = None, until: Moment = None, training_ids: Iterable[str] = (), limit: int = 0,
                   tenant_id: str = "", collection: str = "", *, timeout_s: float | None = None) -> Valuation:
         """phi_i per credited training image from the server's ledger, largest first."""
         request = _valuation_request(since, until, training_ids, limit, tenant_id, collection)
-        return _from_valuation(self._retrying(lambda t: self.stub.GetValuation(request, timeout=t), timeout_s))
+        return _from_valuation(self._retrying(lambda t: self.stub.GetValuation(request, timeout=t, metadata=self.metadata), timeout_s))
 
     def top_contributors(self, limit: int = 10, since: Moment = None, until: Moment = None, tenant_id: str = "",
                          collection: str = "", *, timeout_s: float | None = None) -> Valuation:
         request = _top_request(limit, since, until, tenant_id, collection)
-        return _from_top(self._retrying(lambda t: self.stub.TopContributors(request, timeout=t), timeout_s))
+        return _from_top(self._retrying(lambda t: self.stub.TopContributors(request, timeout=t, metadata=self.metadata), timeout_s))
 
     def index_info(self, collection: str = "", *, timeout_s: float | None = None) -> pb.IndexInfo:
         request = pb.GetIndexInfoRequest(collection=collection)
-        return self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s)
+        return self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t, metadata=self.metadata), timeout_s)
 
     def list_collections(self, *, timeout_s: float | None = None) -> list[pb.IndexInfo]:
         """Every collection the server serves."""
         request = pb.ListCollectionsRequest()
-        return list(self._retrying(lambda t: self.stub.ListCollections(request, timeout=t), timeout_s).collections)
+        return list(self._retrying(lambda t: self.stub.ListCollections(request, timeout=t, metadata=self.metadata), timeout_s).collections)
 
     def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5, collection: str = "") -> pb.IndexInfo:
         """Block until the server answers (it says UNAVAILABLE while its models load), polling
         at most 5 s per attempt with jittered sleeps of at most poll_s; `retries` does not apply."""
         request = pb.GetIndexInfoRequest(collection=collection)
-        return self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s, retries=None,
+        return self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t, metadata=self.metadata), timeout_s, retries=None,
                               codes=(grpc.StatusCode.UNAVAILABLE,), attempt_cap_s=5.0, max_backoff_s=poll_s)
 
     def close(self) -> None:
@@ -305,8 +340,12 @@ class AsyncGMVClient:
     """The asyncio client: the same settings and retries as GMVClient."""
 
     def __init__(self, target: str, timeout_s: float = 30.0, retries: int | None = None, backoff_s: float = 0.1, *,
-                 backoff_multiplier: float = 2.0, max_backoff_s: float = 2.0):
-        self.channel = grpc.aio.insecure_channel(target, options=_channel_options(max_backoff_s))
+                 backoff_multiplier: float = 2.0, max_backoff_s: float = 2.0, api_key: str | None = None,
+                 tls_ca: str | bool | None = None, tls_cert: str | None = None, tls_key: str | None = None):
+        credentials = _tls_credentials(tls_ca, tls_cert, tls_key)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=_channel_options(max_backoff_s))
+                        if credentials else grpc.aio.insecure_channel(target, options=_channel_options(max_backoff_s)))
+        self.metadata = _auth_metadata(api_key)
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.backoff_multiplier, self.max_backoff_s = backoff_multiplier, max_backoff_s
@@ -329,7 +368,7 @@ class AsyncGMVClient:
         request = _request(image, generation_id, top_k, tenant_id, record, collection)
 
         async def call(timeout):
-            responses = self.stub.Attribute(request, timeout=timeout)
+            responses = self.stub.Attribute(request, timeout=timeout, metadata=self.metadata)
             credits = [credit async for credit in responses]
             return credits, _ledger_state(await responses.trailing_metadata())
 
@@ -342,34 +381,34 @@ class AsyncGMVClient:
         """As GMVClient.attribute_stream: not retried."""
         messages = [_request(r[1], r[0], r[2] if len(r) > 2 else 0, tenant_id, record, collection) for r in requests]
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        async for message in self.stub.AttributeStream(iter(messages), timeout=timeout):
+        async for message in self.stub.AttributeStream(iter(messages), timeout=timeout, metadata=self.metadata):
             yield _from_result(message)
 
     async def valuation(self, since: Moment = None, until: Moment = None, training_ids: Iterable[str] = (),
                         limit: int = 0, tenant_id: str = "", collection: str = "", *,
                         timeout_s: float | None = None) -> Valuation:
         request = _valuation_request(since, until, training_ids, limit, tenant_id, collection)
-        return _from_valuation(await self._retrying(lambda t: self.stub.GetValuation(request, timeout=t), timeout_s))
+        return _from_valuation(await self._retrying(lambda t: self.stub.GetValuation(request, timeout=t, metadata=self.metadata), timeout_s))
 
     async def top_contributors(self, limit: int = 10, since: Moment = None, until: Moment = None, tenant_id: str = "",
                                collection: str = "", *, timeout_s: float | None = None) -> Valuation:
         request = _top_request(limit, since, until, tenant_id, collection)
-        return _from_top(await self._retrying(lambda t: self.stub.TopContributors(request, timeout=t), timeout_s))
+        return _from_top(await self._retrying(lambda t: self.stub.TopContributors(request, timeout=t, metadata=self.metadata), timeout_s))
 
     async def index_info(self, collection: str = "", *, timeout_s: float | None = None) -> pb.IndexInfo:
         request = pb.GetIndexInfoRequest(collection=collection)
-        return await self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s)
+        return await self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t, metadata=self.metadata), timeout_s)
 
     async def list_collections(self, *, timeout_s: float | None = None) -> list[pb.IndexInfo]:
         request = pb.ListCollectionsRequest()
-        reply = await self._retrying(lambda t: self.stub.ListCollections(request, timeout=t), timeout_s)
+        reply = await self._retrying(lambda t: self.stub.ListCollections(request, timeout=t, metadata=self.metadata), timeout_s)
         return list(reply.collections)
 
     async def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5,
                                collection: str = "") -> pb.IndexInfo:
         """As GMVClient.wait_until_ready."""
         request = pb.GetIndexInfoRequest(collection=collection)
-        return await self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t), timeout_s, retries=None,
+        return await self._retrying(lambda t: self.stub.GetIndexInfo(request, timeout=t, metadata=self.metadata), timeout_s, retries=None,
                                     codes=(grpc.StatusCode.UNAVAILABLE,), attempt_cap_s=5.0, max_backoff_s=poll_s)
 
     async def close(self) -> None:

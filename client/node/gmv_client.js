@@ -1,6 +1,6 @@
 // Calls every RPC of gmv.v1.AttributionService from the .proto alone, and prints one JSON
 // object with what came back:
-//   node gmv_client.js HOST:PORT IMAGE_FILE...
+//   [GMV_TLS_CA=ca.pem] [GMV_API_KEY=gmv_...] node gmv_client.js HOST:PORT IMAGE_FILE...
 'use strict';
 const fs = require('fs');
 const path = require('path');

@@ -58,12 +58,32 @@ async function withRetry(attempt, options = {}) {
   }
 }
 
+// Sends `authorization: Bearer <key>` (a key from `gmv keys create`) on every call, over TLS
+// or plaintext alike.
+function apiKeyInterceptor(apiKey) {
+  return (options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      metadata.set('authorization', `Bearer ${apiKey}`);
+      next(metadata, listener);
+    },
+  });
+}
+
+// Channel credentials: TLS trusting the CA in the PEM file `caFile` (GMV_TLS_CA when not
+// given), else plaintext.
+function channelCredentials(caFile = process.env.GMV_TLS_CA) {
+  return caFile ? grpc.credentials.createSsl(require('fs').readFileSync(caFile)) : grpc.credentials.createInsecure();
+}
+
 // A client whose channel reconnects at least every max(1 s, maxBackoffMs) while the server is
-// away (gRPC's default backoff grows to 120 s, failing calls fast meanwhile).
-function createClient(target, credentials = grpc.credentials.createInsecure(), options = {}) {
+// away (gRPC's default backoff grows to 120 s, failing calls fast meanwhile). options.apiKey
+// (default: GMV_API_KEY) goes with every call.
+function createClient(target, credentials = channelCredentials(), options = {}) {
   const reconnectMs = Math.max(1000, options.maxBackoffMs || RETRY_DEFAULTS.maxBackoffMs);
+  const apiKey = options.apiKey || process.env.GMV_API_KEY;
   return new gmv.AttributionService(target, credentials, {
     'grpc.initial_reconnect_backoff_ms': 1000, 'grpc.max_reconnect_backoff_ms': reconnectMs,
+    ...(apiKey ? { interceptors: [apiKeyInterceptor(apiKey)] } : {}),
     ...(options.channelOptions || {}),
   });
 }
@@ -86,4 +106,6 @@ function unary(client, method, request, options = {}) {
   }), options);
 }
 
-module.exports = { grpc, gmv, attribute, unary, withRetry, createClient, isRetryable, backoffDelayMs, RETRY_DEFAULTS };
+module.exports = {
+  grpc, gmv, attribute, unary, withRetry, createClient, channelCredentials, isRetryable, backoffDelayMs, RETRY_DEFAULTS,
+};

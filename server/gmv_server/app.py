@@ -17,6 +17,7 @@ from gmv_engine.models import pick_device
 from gmv_engine.settings import Settings
 
 from . import housekeeping
+from .auth import AuthInterceptor, Authenticator, KeyCache
 from .attribution_service import AttributionService
 from .grpc_service import GrpcAttributionService, add_to_server
 from .metrics import ServerMetrics, package_version
@@ -25,6 +26,17 @@ from .supervision import MilvusSupervisor
 log = logging.getLogger("gmv.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
 METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["AttributionService"].methods]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS from the settings' PEM files; mutual TLS when tls_client_ca is set."""
+    def read(path: str) -> bytes:
+        with open(path, "rb") as file:
+            return file.read()
+
+    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(settings.tls_key), read(settings.tls_cert))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def build_info(service: AttributionService, device: str) -> dict[str, str]:
@@ -54,14 +66,23 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_message_mb * 1024 * 1024)])
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service = AttributionService(settings, ledger, metrics)
-    add_to_server(GrpcAttributionService(service), server)
+    servicer = GrpcAttributionService(service)
+    authenticator = Authenticator(KeyCache(ledger), client_certificates=bool(settings.tls_client_ca))
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_message_mb * 1024 * 1024)],
+                             interceptors=[AuthInterceptor(authenticator, servicer.refuse)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_to_server(servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, server_credentials(settings)) if settings.tls_cert else \
+        server.add_insecure_port(address)
     await server.start()
-    log.info("listening on %s:%d (NOT_SERVING until the models are loaded and warm)", settings.host, port)
+    log.info("listening on %s:%d%s (NOT_SERVING until the models are loaded and warm)", settings.host, port,
+             " with TLS" + (" and client certificates" if settings.tls_client_ca else "") if settings.tls_cert else "")
+    if not await authenticator.enabled():
+        log.warning("no API key exists, so every caller is trusted and names its own tenant; create one with "
+                    "`gmv keys create --tenant T --role attribute` to require keys (docs/SECURITY.md)")
 
     # Models load (each once, shared by the collections that use it) and run once before the
     # health status turns SERVING; stage metrics start after the warm-up.

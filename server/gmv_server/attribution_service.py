@@ -200,7 +200,7 @@ class AttributionService:
     def _replay_or_decode(self, request: AttributionRequest, attributor: Attributor,
                           record: bool) -> tuple[GenerationRecord | None, Image.Image | None]:
         """The recorded generation of this id, or else the decoded image (one thread hop for both)."""
-        if record and (earlier := self.ledger.get(request.generation_id)) is not None:
+        if record and (earlier := self.ledger.get(request.generation_id, request.tenant_id)) is not None:
             return earlier, None
         decode_started = time.perf_counter()
         image = decode_image(request.image, attributor.limits)

@@ -23,6 +23,8 @@ from gmv_engine.errors import (
     InvalidImageError,
     LedgerUnavailableError,
     MissingWeightsError,
+    PermissionDeniedError,
+    UnauthenticatedError,
 )
 
 from .attribution_service import (
@@ -35,6 +37,7 @@ from .attribution_service import (
     CollectionDescription,
     WarmingUpError,
 )
+from .auth import tenant_for_attribution, tenant_for_reading
 from .batcher import DeadlinePassedError, QueueFullError, ShuttingDownError
 from .logs import generation_id as current_generation_id
 
@@ -49,6 +52,8 @@ STATUS_OF = [
     ((QueueFullError,), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ((DeadlinePassedError,), grpc.StatusCode.DEADLINE_EXCEEDED),
     ((IndexUnavailableError, LedgerUnavailableError, ShuttingDownError, WarmingUpError), grpc.StatusCode.UNAVAILABLE),
+    ((UnauthenticatedError,), grpc.StatusCode.UNAUTHENTICATED),
+    ((PermissionDeniedError,), grpc.StatusCode.PERMISSION_DENIED),
 ]
 # Server-side failures are the operator's to look at; a caller's bad input is not, and refusals
 # (thousands a second under a flood, each retried) are counted in gmv_queue_rejected_total.
@@ -104,7 +109,7 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         remaining = context.time_remaining()
         return AttributionRequest(
             generation_id=message.generation_id, image=message.image, collection=message.collection,
-            top_k=message.top_k, tenant_id=message.tenant_id, record=not message.skip_ledger,
+            top_k=message.top_k, tenant_id=tenant_for_attribution(message.tenant_id), record=not message.skip_ledger,
             deadline=time.monotonic() + remaining if remaining is not None else None, stream=stream)
 
     async def _attribute(self, message: pb.AttributeRequest, context, stream: str = "") -> AttributionOutcome:
@@ -126,6 +131,10 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
                 exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
         prefix = f"generation '{generation_id}': " if generation_id else ""
         await context.abort(code, f"{prefix}{message}")
+
+    async def refuse(self, method: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        """The authentication interceptor's way to fail a call: counted, logged, its status."""
+        await self._fail(method, context, exc)
 
     async def Attribute(self, request, context) -> AsyncIterator[pb.Credit]:
         try:
@@ -226,7 +235,7 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         after the call was failed with the error's status."""
         try:
             since, until = timestamp_seconds(request, "since"), timestamp_seconds(request, "until")
-            window = self.service.window(since, until, request.collection, request.tenant_id)
+            window = self.service.window(since, until, request.collection, tenant_for_reading(request.tenant_id))
             answer = await query(window)
         except Exception as exc:  # noqa: BLE001
             await self._fail(method, context, exc, request.collection)

@@ -6,6 +6,7 @@ COMMANDS = {
     "serve": "gmv_server.commands.serve",
     "milvus": "gmv_server.commands.milvus",
     "ledger": "gmv_server.commands.ledger",
+    "keys": "gmv_server.commands.keys",
     "models": "gmv_server.commands.models",
     "demo": "gmv_server.commands.demo",
     "eval": "gmv_eval.command",

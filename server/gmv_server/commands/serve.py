@@ -1,6 +1,7 @@
 """`gmv serve`: serve gmv.v1.AttributionService over gRPC for one or more collections."""
 from __future__ import annotations
 
+from gmv_engine.errors import GMVError
 from gmv_engine.settings import Settings, add_config_flag, add_flags, from_args
 
 from .common import EXIT_OK, check_port_free, open_index
@@ -11,7 +12,10 @@ def register(commands) -> None:
                                  description="Serve one or more collections (repeat --collection, or list "
                                              "`collections` in the config file); models are loaded once and shared.")
     add_config_flag(parser)
-    add_flags(parser, groups=("serving", "pipeline", "images", "ledger", "milvus", "models"))
+    add_flags(parser, groups=("serving", "security", "pipeline", "images", "ledger", "milvus", "models"))
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve a non-loopback address though no API key exists and no client CA is set "
+                             "(anyone who reaches the port may call it as any tenant)")
 
 
 def load_settings(args) -> Settings:
@@ -19,6 +23,17 @@ def load_settings(args) -> Settings:
     if not settings.collections:
         raise ValueError("a collection is required (--collection, GMV_COLLECTIONS or `collections` in the config file)")
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine
 
 
 def run(args) -> int:
@@ -35,6 +50,11 @@ def run(args) -> int:
     check_port_free(settings.host, settings.port, "port")
     check_port_free(settings.metrics_host, settings.metrics_port, "metrics_port")
     # The ledger opens first: a server that cannot record must not start attributing.
-    with open_ledger(settings.resolved_ledger_url()) as ledger, open_index(settings) as index:
-        asyncio.run(serve(index, settings, ledger))
+    with open_ledger(settings.resolved_ledger_url()) as ledger:
+        if not (is_loopback(settings.host) or settings.tls_client_ca or args.insecure or ledger.keys_exist()):
+            raise GMVError(f"refusing to serve {settings.host} with no authentication: create an API key first "
+                           "(gmv keys create --tenant T --role attribute), set --tls-client-ca, or pass --insecure "
+                           "(docs/SECURITY.md)")
+        with open_index(settings) as index:
+            asyncio.run(serve(index, settings, ledger))
     return EXIT_OK
