@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 import re
 import sqlite3
@@ -181,6 +182,13 @@ def image_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def mask_url(url: str) -> str:
+    """A database URL fit for a log line: the password masked wherever it is (user:pass@, a
+    password with '@' in it, ?password=... among the query parameters)."""
+    masked = re.sub(r"://([^:/@]*):.*@", r"://\1:***@", url)  # greedy: up to the LAST '@'
+    return re.sub(r"(?i)([?&](?:password|sslpassword)=)[^&]*", r"\1***", masked)
+
+
 ROLES = ("attribute", "read", "admin")
 KEY_PREFIX = "gmv_"
 
@@ -310,7 +318,7 @@ class Ledger(KeysMixin):
 
     @property
     def safe_url(self) -> str:
-        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.url)
+        return mask_url(self.url)
 
     def _execute(self, conn, statement: str, params: Sequence[Any] = ()):
         return conn.execute(self._sql(statement), tuple(params))
@@ -604,7 +612,11 @@ class SQLiteLedger(Ledger):
         super().__init__(url)
 
     def _connect(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Royalty records and API key hashes: the owner's alone (SQLite gives its -wal and -shm
+        # files the database file's mode).
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path.touch(mode=0o600, exist_ok=True)
+        os.chmod(self.path, 0o600)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one record is one transaction.
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")

@@ -146,6 +146,10 @@ class Settings:
             raw = env.get(f"GMV_{name.upper()}")
             if raw:
                 values[name] = raw
+            elif FIELDS[name].metadata["secret"] and env.get(f"GMV_{name.upper()}_FILE"):
+                # A secret from a file (a Docker or Kubernetes secret), as PostgreSQL's images do.
+                with open(env[f"GMV_{name.upper()}_FILE"], encoding="utf-8") as secret_file:
+                    values[name] = secret_file.read().strip()
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         settings = cls(**{name: _convert(name, value) for name, value in values.items()})
         settings.validate()

@@ -100,9 +100,27 @@ def test_compose_runs_the_official_milvus_standalone_stack(compose):
     assert "http://localhost:9000/minio/health/live" in minio["healthcheck"]["test"]
     assert "http://localhost:9091/healthz" in milvus["healthcheck"]["test"]
     assert milvus["command"] == ["milvus", "run", "standalone"]
-    assert env_of(milvus) == {"ETCD_ENDPOINTS": "etcd:2379", "MINIO_ADDRESS": "minio:9000"}
-    assert "0.0.0.0:2379" in etcd["command"] and 9000 in published(minio)
-    assert {19530, 9091} <= published(milvus) and set(milvus["depends_on"]) == {"etcd", "minio"}
+    assert {k: v for k, v in env_of(milvus).items() if not k.startswith("MINIO_") or k == "MINIO_ADDRESS"} == {
+        "ETCD_ENDPOINTS": "etcd:2379", "MINIO_ADDRESS": "minio:9000"}
+    assert "0.0.0.0:2379" in etcd["command"] and set(milvus["depends_on"]) == {"etcd", "minio"}
+    # Milvus, etcd and MinIO stay on the Compose network, and MinIO's credentials (shared with
+    # Milvus) are generated into .env by make-secrets.sh: none is published, none has a default.
+    assert not published(milvus) and not published(minio) and not published(etcd)
+    assert env_of(minio) == {"MINIO_ROOT_USER": "${MINIO_ROOT_USER:?run ./make-secrets.sh first}",
+                             "MINIO_ROOT_PASSWORD": "${MINIO_ROOT_PASSWORD:?run ./make-secrets.sh first}"}
+    assert env_of(milvus)["MINIO_SECRET_ACCESS_KEY"] == env_of(minio)["MINIO_ROOT_PASSWORD"]
+    assert env_of(milvus)["MINIO_ACCESS_KEY_ID"] == env_of(minio)["MINIO_ROOT_USER"]
+
+
+def test_no_secret_is_written_in_the_deploy_files_or_typed_on_a_command_line():
+    """Passwords come from generated files or Secrets, never from the Compose file, the
+    manifests or a command the docs tell you to type."""
+    texts = {path: path.read_text() for path in [*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"),
+                                                  DEPLOY / "README.md", DEPLOY.parent / "README.md"]}
+    for path, text in texts.items():
+        for leak in ("minioadmin", "--from-literal", "admin/admin", ":PASSWORD@", "--ledger-url postgresql://",
+                     "--milvus-token "):
+            assert leak not in text, (path, leak)
 
 
 def test_compose_gmv_service_points_at_milvus_and_is_health_checked(compose):
@@ -113,6 +131,7 @@ def test_compose_gmv_service_points_at_milvus_and_is_health_checked(compose):
     assert gmv["image"] == f"gmv:{VERSION}"
     assert (DEPLOY / gmv["build"]["context"] / gmv["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
     assert published(gmv) == {int(env["GMV_PORT"]), int(env["GMV_METRICS_PORT"])}
+    assert "127.0.0.1:9464:9464" in gmv["ports"]  # metrics: loopback on the host
     test = gmv["healthcheck"]["test"]
     assert test[:4] == ["CMD", "python", "-m", "gmv_server.healthcheck"] and test[4] == f"127.0.0.1:{env['GMV_PORT']}"
     assert gmv["depends_on"]["standalone"]["condition"] == "service_healthy"

@@ -183,3 +183,20 @@ def test_a_version_1_ledger_is_migrated_to_per_tenant_ids_keeping_every_record(l
         assert new and ledger.get(other_tenant.generation_id, other_tenant.tenant_id).image_sha256 == "f" * 64
         assert ledger.get(RECORDS[0].generation_id, RECORDS[0].tenant_id) == before[0]  # the first tenant's, untouched
         assert ledger.totals()[0] == len(RECORDS) + 1 and not ledger.integrity_problems()
+
+
+def test_the_sqlite_ledger_is_its_owners_alone_and_urls_are_masked_in_every_form(tmp_path):
+    import stat
+
+    from gmv_engine.ledger import mask_url
+
+    path = tmp_path / "private" / "ledger.sqlite3"
+    with open_ledger(str(path)) as ledger:
+        ledger.record(RECORDS[0])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for url, masked in [("postgresql://gmv:s3cret@db:5432/x", "postgresql://gmv:***@db:5432/x"),
+                        ("postgresql://gmv:p@ss@db/x", "postgresql://gmv:***@db/x"),
+                        ("postgresql://db/x?user=gmv&password=s3cret&sslmode=require",
+                         "postgresql://db/x?user=gmv&password=***&sslmode=require"),
+                        ("postgresql://gmv@db/x", "postgresql://gmv@db/x")]:
+        assert mask_url(url) == masked

@@ -85,3 +85,12 @@ def test_readme_lists_every_registered_component():
     for kind in ("encoder", "reranker", "quality", "profile"):
         for name in registry.names(kind):
             assert f"`{name}`" in readme, (kind, name)
+
+
+def test_a_secret_setting_may_come_from_a_file_never_a_command_line(tmp_path):
+    from gmv_engine.settings import Settings
+
+    secret = tmp_path / "ledger-url"
+    secret.write_text("postgresql://gmv:s3cret@db/x\n")
+    settings = Settings.load(env={"GMV_LEDGER_URL_FILE": str(secret), "GMV_PORT_FILE": str(secret)})
+    assert settings.ledger_url == "postgresql://gmv:s3cret@db/x" and settings.port == 50051  # secrets only

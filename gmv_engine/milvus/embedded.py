@@ -82,7 +82,7 @@ class EmbeddedMilvus:
     def start(self, attempt_timeouts_s: Sequence[float] = ATTEMPT_TIMEOUTS_S) -> "EmbeddedMilvus":
         """Start and wait until Milvus is healthy. Each attempt is bounded, and a server that
         does not come up in time is stopped and started again, so no command hangs."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # readable by its owner alone
         self._closed.clear()
         self._acquire_lock()
         try:
