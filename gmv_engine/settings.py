@@ -90,6 +90,8 @@ class Settings:
     host: str = setting("127.0.0.1", "address the gRPC server listens on; 0.0.0.0 (as the container image sets) "
                                      "for every interface", "serving")
     port: int = setting(50051, "gRPC port", "serving")
+    reflection: int = setting(1, "1: serve gRPC server reflection (what grpcurl lists the API with); 0: off",
+                              "serving")
     metrics_host: str = setting("127.0.0.1", "address the Prometheus /metrics endpoint listens on", "serving")
     metrics_port: int = setting(0, "Prometheus /metrics port; 0: no metrics endpoint", "serving")
     max_batch_size: int = setting(32, "generated images per model batch", "serving")
@@ -102,6 +104,11 @@ class Settings:
     max_tenant_line_mb: float = setting(256.0, "image bytes (plus 16 KiB a request) one tenant's requests past its "
                                                "share may hold while they wait in its line; past that its unary "
                                                "calls get RESOURCE_EXHAUSTED", "serving")
+    tenant_rate_limit: float = setting(0.0, "requests a second one tenant may make (bursts of one second's "
+                                            "worth pass); past it unary calls get RESOURCE_EXHAUSTED and stream "
+                                            "items wait; 0: no limit", "serving")
+    tenant_max_in_flight: int = setting(0, "requests one tenant may have in progress at once; past it as for "
+                                           "tenant_rate_limit; 0: no limit", "serving")
     batch_lanes: int = setting(2, "batches run at once; with 2 or more, one tenant may hold all lanes but one, so "
                                   "a flood leaves a lane for the others", "serving")
     queue_policy: str = setting("fair", "fair: batches filled round-robin over tenants, then over each tenant's "

@@ -184,3 +184,20 @@ def test_a_non_loopback_bind_without_authentication_is_refused(milvus, digits_co
                           "--host", "0.0.0.0", "--port", "0", "--milvus-uri", milvus.uri, "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "refusing to serve 0.0.0.0 with no authentication" in run.stderr
+
+
+def test_a_tenant_past_its_rate_is_refused_while_another_is_served(milvus, digits_collection, images, tmp_path):
+    data_dir = tmp_path / "rates"
+    data_dir.mkdir()
+    server = start_server(milvus, digits_collection[0], data_dir / "server.log", "--tenant-rate-limit", "2")
+    try:
+        with GMVClient(server["target"], retries=0) as client:
+            codes = [code_of(lambda n=n: client.attribute(images[n % len(images)], f"burst-{n}", tenant_id="busy",
+                                                          record=False)) for n in range(8)]
+            assert codes[:2] == [None, None] and grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+            assert code_of(lambda: client.attribute(images[0], "calm-1", tenant_id="calm", record=False)) is None
+        with GMVClient(server["target"], timeout_s=30) as patient:  # the SDK's backoff rides it out
+            assert all(patient.attribute(images[0], f"later-{n}", tenant_id="busy", record=False).credits
+                       for n in range(4))
+    finally:
+        stop_server(server)

@@ -289,3 +289,47 @@ def test_two_lanes_filling_at_once_do_not_split_one_tenants_burst():
 
     asyncio.run(main())
     assert [len(batch) for batch in batches] == [16]
+
+
+def test_tenant_limits_refuse_unary_calls_and_make_stream_items_wait():
+    """A tenant's rate (a token bucket of one second's worth) and its requests in flight: unary
+    calls past either are refused and counted; stream items wait; other tenants are untouched."""
+    from gmv_server.admission import TenantLimits
+
+    async def scenario():
+        metrics = ServerMetrics()
+        now = [100.0]
+        limits = TenantLimits(rate_per_s=2.0, max_in_flight=0, metrics=metrics, clock=lambda: now[0])
+        for _ in range(2):  # the burst: two at once
+            async with limits.hold("a", wait=False, deadline=None):
+                pass
+        with pytest.raises(QueueFullError, match="2 requests/s"):
+            async with limits.hold("a", wait=False, deadline=None):
+                pass
+        async with limits.hold("b", wait=False, deadline=None):  # another tenant's bucket
+            pass
+        now[0] += 0.5  # one token back
+        async with limits.hold("a", wait=False, deadline=None):
+            pass
+        assert metrics.queue_rejections.labels(reason="rate")._value.get() == 1
+
+        in_flight = TenantLimits(rate_per_s=0.0, max_in_flight=1, metrics=metrics)
+        async with in_flight.hold("a", wait=False, deadline=None):
+            with pytest.raises(QueueFullError, match="1 in flight"):
+                async with in_flight.hold("a", wait=False, deadline=None):
+                    pass
+            async with in_flight.hold("b", wait=False, deadline=None):
+                pass
+            held = in_flight.hold("a", wait=True, deadline=None)  # kept: it holds its place until exited
+            waiter = asyncio.create_task(held.__aenter__())
+            await asyncio.sleep(0.05)
+            assert not waiter.done()  # a stream item waits for the place
+        await asyncio.wait_for(waiter, 1.0)
+        with pytest.raises(DeadlinePassedError):
+            async with in_flight.hold("a", wait=True, deadline=time.monotonic() + 0.02):
+                pass
+        await held.__aexit__(None, None, None)
+        async with in_flight.hold("a", wait=False, deadline=None):  # the place is free again
+            pass
+
+    asyncio.run(scenario())

@@ -150,3 +150,59 @@ class TenantSlots:
                 del self._slots[tenant]  # no entry per tenant ever seen
             else:
                 self._slots[tenant] = (semaphore, users - 1)
+
+
+class TenantLimits:
+    """A tenant's contract, apart from fairness: at most `rate_per_s` requests a second (a token
+    bucket holding one second's worth, so short bursts pass) and `max_in_flight` requests in
+    progress; 0 turns either off. Past a limit a unary call is refused (RESOURCE_EXHAUSTED,
+    counted as reason "rate" or "in_flight"); a stream's item waits, within its deadline."""
+
+    POLL_S = 0.005  # a waiting stream item looks again this often for a freed place
+
+    def __init__(self, rate_per_s: float, max_in_flight: int, metrics: ServerMetrics, clock=time.monotonic):
+        self.rate_per_s = rate_per_s
+        self.max_in_flight = max_in_flight
+        self.metrics = metrics
+        self.clock = clock
+        self._tokens: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, when counted)
+        self._in_flight: dict[str, int] = {}
+
+    def _wait_for_token(self, tenant: str) -> float:
+        """Take a token now (0.0), or say how long until one is there (nothing taken)."""
+        burst = max(1.0, self.rate_per_s)
+        now = self.clock()
+        tokens, then = self._tokens.get(tenant, (burst, now))
+        tokens = min(burst, tokens + (now - then) * self.rate_per_s)
+        if tokens >= 1.0:
+            self._tokens[tenant] = (tokens - 1.0, now)
+            return 0.0
+        self._tokens[tenant] = (tokens, now)
+        return (1.0 - tokens) / self.rate_per_s
+
+    def _refuse_or_wait(self, tenant: str, reason: str, wait: bool, deadline: float | None, delay_s: float) -> float:
+        if not wait:
+            self.metrics.queue_rejections.labels(reason=reason).inc()
+            limit = f"{self.rate_per_s:g} requests/s" if reason == "rate" else f"{self.max_in_flight} in flight"
+            raise QueueFullError(f"tenant '{tenant}' is at its limit of {limit}; retry with backoff")
+        if deadline is not None and time.monotonic() + delay_s > deadline:
+            raise DeadlinePassedError(f"tenant '{tenant}' stayed at its {reason} limit until the deadline")
+        return delay_s
+
+    @contextlib.asynccontextmanager
+    async def hold(self, tenant: str, wait: bool, deadline: float | None) -> AsyncIterator[None]:
+        if self.rate_per_s > 0:
+            while (delay := self._wait_for_token(tenant)) > 0:
+                await asyncio.sleep(self._refuse_or_wait(tenant, "rate", wait, deadline, delay))
+        if self.max_in_flight > 0:
+            while self._in_flight.get(tenant, 0) >= self.max_in_flight:
+                await asyncio.sleep(self._refuse_or_wait(tenant, "in_flight", wait, deadline, self.POLL_S))
+        self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._in_flight[tenant] - 1
+            if left:
+                self._in_flight[tenant] = left
+            else:
+                del self._in_flight[tenant]

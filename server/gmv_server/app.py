@@ -73,7 +73,8 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
                              interceptors=[AuthInterceptor(authenticator, servicer.refuse)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_to_server(servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if settings.reflection:
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, server_credentials(settings)) if settings.tls_cert else \
         server.add_insecure_port(address)

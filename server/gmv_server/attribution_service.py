@@ -31,7 +31,7 @@ from gmv_engine.models import ModelPool
 from gmv_engine.pipeline import Attributor, attribute_batch
 from gmv_engine.settings import Settings
 
-from .admission import TenantSlots
+from .admission import TenantLimits, TenantSlots
 from .batcher import UNARY, DynamicBatcher
 from .ledger_writer import LedgerWriter
 from .metrics import ServerMetrics
@@ -94,6 +94,7 @@ class AttributionService:
         self.descriptions: dict[str, CollectionDescription] = {}
         self.batcher: DynamicBatcher | None = None
         self._thread_slots = TenantSlots(THREAD_SLOTS_PER_TENANT)
+        self.tenant_limits = TenantLimits(settings.tenant_rate_limit, settings.tenant_max_in_flight, self.metrics)
         self.models: ModelPool | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -170,8 +171,9 @@ class AttributionService:
         self.check_id("tenant_id", request.tenant_id)
         top_k = request.top_k or self.settings.top_k
         attributor.check_top_k(top_k, 1)
-        async with self.batcher.admission.admit(request.tenant_id, wait=bool(request.stream), deadline=request.deadline,
-                                                size=len(request.image)):
+        async with self.tenant_limits.hold(request.tenant_id, wait=bool(request.stream), deadline=request.deadline), \
+                self.batcher.admission.admit(request.tenant_id, wait=bool(request.stream), deadline=request.deadline,
+                                             size=len(request.image)):
             return await self._attribute(request, collection, attributor, top_k, started)
 
     async def _attribute(self, request: AttributionRequest, collection: str, attributor: Attributor, top_k: int,

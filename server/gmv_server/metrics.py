@@ -57,9 +57,10 @@ class ServerMetrics:
         self.queue_capacity = Gauge("gmv_queue_capacity", "max_queue_size: the queue depth past which "
                                     "requests are refused with RESOURCE_EXHAUSTED", registry=r)
         self.queue_rejections = Counter("gmv_queue_rejected", "Unary requests refused with RESOURCE_EXHAUSTED, by "
-                                        "reason: queue (max_queue_size) or tenant (its max_tenant_queue_share)",
+                                        "reason: queue (max_queue_size), tenant (its max_tenant_line_mb), rate "
+                                        "(tenant_rate_limit) or in_flight (tenant_max_in_flight)",
                                         ["reason"], registry=r)
-        for reason in ("queue", "tenant"):
+        for reason in ("queue", "tenant", "rate", "in_flight"):
             self.queue_rejections.labels(reason=reason)
         self.compute_seconds = Histogram("gmv_batch_compute_seconds", "Time to run one batch through the pipeline",
                                          buckets=LATENCY_BUCKETS, registry=r)
