@@ -92,6 +92,8 @@ class Settings:
     port: int = setting(50051, "gRPC port", "serving")
     reflection: int = setting(1, "1: serve gRPC server reflection (what grpcurl lists the API with); 0: off",
                               "serving")
+    health_port: int = setting(0, "a second, plaintext port that serves only the gRPC health service (for "
+                                  "probes that cannot speak TLS, as Kubernetes' gRPC probe); 0: none", "serving")
     metrics_host: str = setting("127.0.0.1", "address the Prometheus /metrics endpoint listens on", "serving")
     metrics_port: int = setting(0, "Prometheus /metrics port; 0: no metrics endpoint", "serving")
     max_batch_size: int = setting(32, "generated images per model batch", "serving")

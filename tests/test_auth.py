@@ -150,9 +150,14 @@ def test_tls_with_a_key_from_python_and_from_a_node_client_built_from_the_proto(
     data_dir.mkdir()
     pem = write_certificates(tmp_path)
     key = gmv_keys(data_dir, "create", "--tenant", "node", "--role", "attribute", "--role", "read")
+    from gmv_engine.milvus.embedded import free_port
+    from gmv_server.healthcheck import check
+
+    health_port = free_port()
     server = start_server(milvus, digits_collection[0], data_dir / "server.log", "--tls-cert", str(pem["cert"]),
-                          "--tls-key", str(pem["key"]), health_tls_ca=pem["ca"])
+                          "--tls-key", str(pem["key"]), "--health-port", str(health_port), health_tls_ca=pem["ca"])
     try:
+        assert check(f"127.0.0.1:{health_port}") == "SERVING"  # plaintext, health alone, for probes
         with GMVClient(server["target"], retries=0, tls_ca=str(pem["ca"]), api_key=key) as client:
             assert client.attribute(images[0], "tls-python").ledger == "recorded"
         with GMVClient(server["target"], retries=0, tls_ca=str(pem["ca"])) as keyless:

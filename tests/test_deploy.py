@@ -132,8 +132,13 @@ def test_compose_gmv_service_points_at_milvus_and_is_health_checked(compose):
     assert (DEPLOY / gmv["build"]["context"] / gmv["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
     assert published(gmv) == {int(env["GMV_PORT"]), int(env["GMV_METRICS_PORT"])}
     assert "127.0.0.1:9464:9464" in gmv["ports"]  # metrics: loopback on the host
+    # TLS on the gRPC port from make-secrets.sh's files; the health check uses the plaintext health port.
+    assert set(gmv["secrets"]) == set(compose["secrets"]) == {"gmv_tls_cert", "gmv_tls_key"}
+    assert env["GMV_TLS_CERT"] == "/run/secrets/gmv_tls_cert" and env["GMV_TLS_KEY"] == "/run/secrets/gmv_tls_key"
+    assert "openssl req -x509" in (DEPLOY / "make-secrets.sh").read_text()
     test = gmv["healthcheck"]["test"]
-    assert test[:4] == ["CMD", "python", "-m", "gmv_server.healthcheck"] and test[4] == f"127.0.0.1:{env['GMV_PORT']}"
+    assert test[:4] == ["CMD", "python", "-m", "gmv_server.healthcheck"]
+    assert test[4] == f"127.0.0.1:{env['GMV_HEALTH_PORT']}"
     assert gmv["depends_on"]["standalone"]["condition"] == "service_healthy"
     # Compose's GMV_* settings are valid for the server's own config loader.
     config = Settings.load(env={k: v.split(":-")[-1].rstrip("}") for k, v in env.items()})
@@ -196,8 +201,10 @@ def test_k8s_deployment_probes_the_grpc_health_service_and_requests_a_gpu(k8s):
     (container,) = pod["containers"]
     assert container["image"] == f"gmv:{VERSION}"
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": ports["grpc"], "service": SERVICE}, probe
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet's probe speaks no TLS
+        assert container[probe]["grpc"] == {"port": ports["health"], "service": SERVICE}, probe
+    (tls,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == "gmv-tls"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -218,7 +225,9 @@ def test_k8s_config_is_what_the_server_loads_and_matches_the_ports(k8s, tmp_path
     toml_file.write_text(configmap["data"][config_path.name])
     config = Settings.load(toml_file, env={})  # the server's own loader: unknown keys fail
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert (config.port, config.metrics_port) == (ports["grpc"], ports["metrics"])
+    assert (config.port, config.metrics_port, config.health_port) == (ports["grpc"], ports["metrics"], ports["health"])
+    (tls_mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    assert Path(config.tls_cert).parent == Path(config.tls_key).parent == Path(tls_mount["mountPath"])
     assert pod["terminationGracePeriodSeconds"] > config.grace_s
     env = {item["name"]: item for item in container["env"]}
     assert set(env) <= CONFIG_ENV | CLI_ENV

@@ -78,6 +78,13 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, server_credentials(settings)) if settings.tls_cert else \
         server.add_insecure_port(address)
+    health_server = None
+    if settings.health_port:  # health only, so no data and no credential ever crosses it in the clear
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        await health_server.start()
+        log.info("health service alone, in plaintext, on %s:%d", settings.host, settings.health_port)
     await server.start()
     log.info("listening on %s:%d%s (NOT_SERVING until the models are loaded and warm)", settings.host, port,
              " with TLS" + (" and client certificates" if settings.tls_client_ca else "") if settings.tls_cert else "")
@@ -118,6 +125,8 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     tidying.cancel()
     health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_s)
+    if health_server is not None:
+        await health_server.stop(0)
     await service.stop()
     if metrics_server is not None:
         metrics_server.shutdown()

@@ -31,7 +31,9 @@ def check(target: str, service: str = SERVICE, timeout_s: float = 3.0) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gmv_server.healthcheck", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", nargs="?", default=f"127.0.0.1:{os.environ.get('GMV_PORT') or 50051}")
+    # The plaintext health-only port when there is one (the gRPC port may speak TLS).
+    port = os.environ.get("GMV_HEALTH_PORT") or os.environ.get("GMV_PORT") or 50051
+    parser.add_argument("target", nargs="?", default=f"127.0.0.1:{port}")
     parser.add_argument("--service", default=SERVICE, help=f"health service name (default {SERVICE}; '' = the server)")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)

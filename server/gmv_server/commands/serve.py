@@ -49,6 +49,7 @@ def run(args) -> int:
     # Busy ports fail now, before Milvus and the models take their seconds to start.
     check_port_free(settings.host, settings.port, "port")
     check_port_free(settings.metrics_host, settings.metrics_port, "metrics_port")
+    check_port_free(settings.host, settings.health_port, "health_port")
     # The ledger opens first: a server that cannot record must not start attributing.
     with open_ledger(settings.resolved_ledger_url()) as ledger:
         if not (is_loopback(settings.host) or settings.tls_client_ca or args.insecure or ledger.keys_exist()):
