@@ -190,13 +190,13 @@ class EmbeddedMilvus:
             holder = self._lock_file.read().strip()
             parsed = LockHolder.parse(holder)
             owner, launcher = parsed.pid, parsed.launcher
-            if owner is not None and not _alive(owner) and launcher is not None:
+            if owner is not None and not process_alive(owner) and launcher is not None:
                 log.warning("the data directory %s is held by the embedded Milvus of pid %d, which is gone; "
                             "stopping that Milvus (process group %d)", self.data_dir, owner, launcher)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(launcher, signal.SIGKILL)
                 self._stopped_at = time.monotonic()  # its etcd sessions must lapse before a new start
-            if not self._wait_for_lock(10.0 if owner is not None and not _alive(owner) else 0.0):
+            if not self._wait_for_lock(10.0 if owner is not None and not process_alive(owner) else 0.0):
                 self._lock_file.close()
                 self._lock_file = None
                 raise IndexUnavailableError(
@@ -310,10 +310,10 @@ def running_server(data_dir: str | Path, wait_s: float = 0.0) -> LockHolder | No
                     holder = LockHolder.parse(lock_file.read())
         except FileNotFoundError:
             return None
-        if holder.pid is not None and _alive(holder.pid) and holder.port and holder.launcher is not None:
+        if holder.pid is not None and process_alive(holder.pid) and holder.port and holder.launcher is not None:
             if _port_open(holder.port) and _healthz_ok(data_dir):
                 return holder
-        if time.monotonic() >= deadline or holder.pid is None or not _alive(holder.pid):
+        if time.monotonic() >= deadline or holder.pid is None or not process_alive(holder.pid):
             return None
         time.sleep(0.2)
 
@@ -338,7 +338,7 @@ def _command_name() -> str:
     return program
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True

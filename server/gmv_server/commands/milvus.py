@@ -96,7 +96,7 @@ def start(settings: Settings) -> int:
 
 
 def stop(settings: Settings) -> int:
-    from gmv_engine.milvus.embedded import running_server
+    from gmv_engine.milvus.embedded import process_alive, running_server
 
     directory = milvus_dir(settings)
     holder = running_server(directory)
@@ -108,7 +108,7 @@ def stop(settings: Settings) -> int:
                        "`gmv milvus start`: stop that process instead")
     os.kill(holder.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _alive(holder.pid):
+    while process_alive(holder.pid):
         if time.monotonic() > deadline:
             os.kill(holder.pid, signal.SIGKILL)  # its Milvus dies with it (the death pipe)
             break
@@ -128,14 +128,6 @@ def run_foreground(settings: Settings) -> int:
             if server.exited():
                 print("the embedded Milvus exited; restarting it", flush=True)
                 server.restart()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def _tail(path: Path, lines: int = 20) -> str:
