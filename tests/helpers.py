@@ -47,7 +47,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verbose: bool = False,
-                 port: int | None = None, health_tls_ca: Path | None = None) -> dict:
+                 port: int | None = None, health_tls_ca: Path | None = None, health_port_flag: bool = False) -> dict:
     """`gmv serve` in a subprocess on free ports (the gRPC one `port` when given, e.g. to
     restart a server where it was), once its health says SERVING; its data directory is
     log_path's folder. Stop it with `stop_server`. `seen` holds the health statuses observed
@@ -62,13 +62,16 @@ def start_server(milvus, collection: str, log_path: Path, *extra_args: str, verb
     from gmv_engine.milvus.embedded import free_port
 
     port, metrics_port = port or free_port(), free_port()
+    health_port = free_port() if health_port_flag else None  # health over plaintext (e.g. under mutual TLS)
+    if health_port:
+        extra_args = (*extra_args, "--health-port", str(health_port))
     process = subprocess.Popen(
         [sys.executable, "-m", "gmv_server.cli", *(["-v"] if verbose else []), "serve", "--collection", collection, "--port", str(port),
          "--metrics-port", str(metrics_port), "--milvus-uri", milvus.uri, "--data-dir", str(log_path.parent),
          *extra_args],
         stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(health_tls_ca.read_bytes())) \
-        if health_tls_ca else grpc.insecure_channel(f"127.0.0.1:{port}")
+        if health_tls_ca else grpc.insecure_channel(f"127.0.0.1:{health_port or port}")
     health = health_pb2_grpc.HealthStub(channel)
     seen = []
     deadline = time.monotonic() + 180

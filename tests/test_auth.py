@@ -136,11 +136,15 @@ def write_certificates(directory: Path) -> dict[str, Path]:
     ca_cert = certificate("gmv test CA", ca_key, ca_name, ca_key, True)
     server_cert = certificate("localhost", server_key, ca_name, ca_key, False,
                               [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server-key.pem"}
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = certificate("studio-7", client_key, ca_name, ca_key, False)  # its common name: its tenant
+    paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server-key.pem",
+             "client_cert": directory / "client.pem", "client_key": directory / "client-key.pem"}
     paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+    for name, cert, key in (("", server_cert, server_key), ("client_", client_cert, client_key)):
+        paths[f"{name}cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{name}key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
     return paths
 
 
@@ -182,6 +186,29 @@ def test_tls_with_a_key_from_python_and_from_a_node_client_built_from_the_proto(
         assert reply["top"]["generations"] >= 4  # tls-python and the Node client's, all tenant "node"
     finally:
         stop_server(server)
+
+
+def test_mutual_tls_the_client_certificate_is_the_callers_tenant(milvus, digits_collection, images, tmp_path):
+    data_dir = tmp_path / "mtls"
+    data_dir.mkdir()
+    pem = write_certificates(tmp_path)
+    server = start_server(milvus, digits_collection[0], data_dir / "server.log", "--tls-cert", str(pem["cert"]),
+                          "--tls-key", str(pem["key"]), "--tls-client-ca", str(pem["ca"]),
+                          health_port_flag=True)
+    try:
+        with GMVClient(server["target"], retries=0, tls_ca=str(pem["ca"]), tls_cert=str(pem["client_cert"]),
+                       tls_key=str(pem["client_key"])) as client:
+            assert client.attribute(images[0], "mtls-1").ledger == "recorded"
+            assert client.top_contributors(limit=0).generations == 1  # tenant studio-7's own
+            assert code_of(lambda: client.top_contributors(tenant_id="other")) == grpc.StatusCode.PERMISSION_DENIED
+        with GMVClient(server["target"], retries=0, timeout_s=3, tls_ca=str(pem["ca"])) as anonymous:
+            assert code_of(lambda: anonymous.index_info()) == grpc.StatusCode.UNAVAILABLE  # the handshake fails
+    finally:
+        stop_server(server)
+    from gmv_engine.ledger import open_ledger
+
+    with open_ledger(str(data_dir / "ledger.sqlite3")) as ledger:
+        assert ledger.get("mtls-1", "studio-7") is not None
 
 
 def test_a_non_loopback_bind_without_authentication_is_refused(milvus, digits_collection, tmp_path):
