@@ -53,7 +53,8 @@ class Settings:
                                   "data_dir for the command's duration", "milvus")
     milvus_token: str = setting("", "Milvus token: user:password or an API key", "milvus", secret=True)
     data_dir: str = setting(".gmv", "where the embedded Milvus and the SQLite ledger keep their data", "milvus")
-    milvus_port: int = setting(19530, "port of the embedded Milvus' proxy", "milvus")
+    milvus_port: int = setting(0, "port of the embedded Milvus' proxy on 127.0.0.1; 0: 19530 when free, else any "
+                                  "free port (other commands on the data dir find it in its lock file)", "milvus")
     milvus_timeout_s: float = setting(30.0, "seconds one Milvus call may take", "milvus")
     # -- models
     model_dir: str = setting("", "folder holding pretrained weights; empty: each library's standard cache", "models")

@@ -114,7 +114,7 @@ def test_serve_listens_on_loopback_beside_a_second_serve_and_sigterm_stops_it_al
                                  "--metrics-port", str(free_port())],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    server = serve(data_dir, port, milvus_port)
+    server = serve(data_dir, port, 0)  # the default Milvus port: 19530 when free
     image = read_heldout(digits.heldout)[0][0].read_bytes()
     with GMVClient(f"127.0.0.1:{port}", timeout_s=20) as client:
         client.wait_until_ready(timeout_s=300)
@@ -124,7 +124,7 @@ def test_serve_listens_on_loopback_beside_a_second_serve_and_sigterm_stops_it_al
         assert len(sockets) >= 4 and all(is_loopback(address) for address, _, _ in sockets), sockets
         # A second server on another data dir comes up while the first runs.
         other_port = free_port()
-        other = serve(other_dir, other_port, free_port())
+        other = serve(other_dir, other_port, 0)  # the default too: it takes another free port
         try:
             with GMVClient(f"127.0.0.1:{other_port}", timeout_s=20) as other_client:
                 other_client.wait_until_ready(timeout_s=300)

@@ -66,9 +66,9 @@ def _port_open(port: int) -> bool:
 class EmbeddedMilvus:
     """Start/stop the embedded Milvus on `data_dir`. Use as a context manager."""
 
-    def __init__(self, data_dir: str | Path, port: int = DEFAULT_PORT, owner: str = ""):
+    def __init__(self, data_dir: str | Path, port: int = 0, owner: str = ""):
         self.data_dir = Path(data_dir).resolve()
-        self.port = port
+        self.port = port  # 0: DEFAULT_PORT when free, else any free port (chosen at start)
         self.owner = owner or _command_name()
         self._proc: subprocess.Popen | None = None
         self._lock_file = None
@@ -84,6 +84,8 @@ class EmbeddedMilvus:
         does not come up in time is stopped and started again, so no command hangs."""
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # readable by its owner alone
         self._closed.clear()
+        if not self.port:  # a second data dir's Milvus, say, while the first holds 19530
+            self.port = DEFAULT_PORT if not _port_open(DEFAULT_PORT) else free_port()
         self._acquire_lock()
         try:
             self._start_attempts(attempt_timeouts_s)
@@ -359,7 +361,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def open_index(milvus_uri: str | None, data_dir: str | Path = ".gmv", port: int = DEFAULT_PORT,
+def open_index(milvus_uri: str | None, data_dir: str | Path = ".gmv", port: int = 0,
                token: str = "", timeout_s: float = 30.0) -> Iterator["TrainingIndex"]:
     """A TrainingIndex on `milvus_uri`, or on an embedded Milvus started on `data_dir/milvus`
     for the duration of the block (and stopped after it, also on error or interrupt)."""
