@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -233,3 +234,15 @@ def test_a_tenant_past_its_rate_is_refused_while_another_is_served(milvus, digit
                        for n in range(4))
     finally:
         stop_server(server)
+
+
+def test_missing_or_non_pem_tls_files_are_refused_before_anything_starts(tmp_path):
+    not_pem = tmp_path / "cert.pem"
+    not_pem.write_text("not a certificate")
+    for key, message in ((tmp_path / "missing.pem", "tls_key .*No such file"), (not_pem, "tls_key .* is not a PEM file")):
+        run = subprocess.run([sys.executable, "-m", "gmv_server.cli", "serve", "--collection", "c", "--tls-cert",
+                              str(not_pem), "--tls-key", str(key), "--data-dir", str(tmp_path / "data")],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert re.search(message, run.stderr), run.stderr
+    assert not (tmp_path / "data" / "milvus").exists()  # refused before Milvus started

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gmv.v1 import attribution_pb2 as pb
+from gmv_engine.errors import GMVError
 from gmv_engine.ledger import Ledger
 from gmv_engine.milvus.index import TrainingIndex
 from gmv_engine.models import pick_device
@@ -29,13 +30,21 @@ METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["AttributionService"].
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """TLS from the settings' PEM files; mutual TLS when tls_client_ca is set."""
-    def read(path: str) -> bytes:
-        with open(path, "rb") as file:
-            return file.read()
+    """TLS from the settings' PEM files; mutual TLS when tls_client_ca is set. A file that is
+    missing or not PEM is a clear error naming its setting (`gmv serve` checks before Milvus starts)."""
+    def read(setting: str) -> bytes:
+        path = getattr(settings, setting)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError as exc:
+            raise GMVError(f"{setting} {path}: {exc.strerror}") from None
+        if b"-----BEGIN " not in data:
+            raise GMVError(f"{setting} {path} is not a PEM file")
+        return data
 
-    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials([(read(settings.tls_key), read(settings.tls_cert))],
+    client_ca = read("tls_client_ca") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read("tls_key"), read("tls_cert"))],
                                        root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
@@ -76,8 +85,12 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     if settings.reflection:
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
-    port = server.add_secure_port(address, server_credentials(settings)) if settings.tls_cert else \
-        server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, server_credentials(settings)) if settings.tls_cert else \
+            server.add_insecure_port(address)
+    except RuntimeError as exc:  # gRPC's only word for a certificate and key that do not go together
+        raise GMVError(f"cannot listen on {address}{' with TLS (is tls_key the key of tls_cert?)' if settings.tls_cert else ''}: "
+                       f"{exc}") from None
     health_server = None
     if settings.health_port:  # health only, so no data and no credential ever crosses it in the clear
         health_server = grpc.aio.server()
@@ -114,8 +127,7 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    supervisor = MilvusSupervisor(index, collections[0], metrics, set_serving, probe_s=settings.milvus_probe_s,
-                                  probe_timeout_s=settings.milvus_probe_s)
+    supervisor = MilvusSupervisor(index, collections[0], metrics, set_serving, probe_s=settings.milvus_probe_s)
     probe = asyncio.create_task(supervisor.run()) if settings.milvus_probe_s > 0 else None
     tidying = asyncio.create_task(housekeeping.run())  # memory back after a burst of requests
     await stopping.wait()

@@ -25,13 +25,12 @@ RESTART_BACKOFF_S = (1.0, 60.0)  # first wait after a failed restart, and the ca
 
 class MilvusSupervisor:
     def __init__(self, index: TrainingIndex, collection: str, metrics: ServerMetrics,
-                 set_serving: Callable[[bool], None], probe_s: float, probe_timeout_s: float):
+                 set_serving: Callable[[bool], None], probe_s: float):
         self.index = index
         self.collection = collection
         self.metrics = metrics
         self.set_serving = set_serving
-        self.probe_s = probe_s
-        self.probe_timeout_s = probe_timeout_s
+        self.probe_s = probe_s  # also each probe's timeout: one slower than the interval counts as down
         self.down_since: float | None = None
         self._last_tick = time.monotonic()
         self._restart_wait_s = RESTART_BACKOFF_S[0]
@@ -47,7 +46,7 @@ class MilvusSupervisor:
             self._mark(False, "the embedded Milvus exited")
             await self._restart(embedded)
         try:
-            up = await asyncio.to_thread(self.index.ping, self.collection, self.probe_timeout_s)
+            up = await asyncio.to_thread(self.index.ping, self.collection, self.probe_s)
             reason = "" if up else f"collection '{self.collection}' is gone"
         except GMVError as exc:  # counted by the call observer
             up, reason = False, str(exc)

@@ -42,7 +42,7 @@ def run(args) -> int:
     from gmv_engine.ledger import open_ledger
 
     from .. import logs
-    from ..app import serve
+    from ..app import serve, server_credentials
 
     settings = load_settings(args)
     logs.configure(settings.log_format)
@@ -50,6 +50,9 @@ def run(args) -> int:
     check_port_free(settings.host, settings.port, "port")
     check_port_free(settings.metrics_host, settings.metrics_port, "metrics_port")
     check_port_free(settings.host, settings.health_port, "health_port")
+    if settings.tls_cert:
+        server_credentials(settings)  # unreadable or non-PEM files fail now, naming the setting
+
     # The ledger opens first: a server that cannot record must not start attributing.
     with open_ledger(settings.resolved_ledger_url()) as ledger:
         if not (is_loopback(settings.host) or settings.tls_client_ca or args.insecure or ledger.keys_exist()):
