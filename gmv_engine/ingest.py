@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from .calibration import Calibration, calibrate
 from .settings import DEFAULTS
 from .decode import DEFAULT_LIMITS, ImageLimits, load_image_file
 from .encoders import Encoder
@@ -62,11 +63,15 @@ class IngestReport:
     bad: list[BadRow] = field(default_factory=list)
     index_state: dict = field(default_factory=dict)
     per_contributor: dict[str, int] = field(default_factory=dict)  # contributor_id -> rows inserted this run
+    calibration: Calibration | None = None  # the collection's credit temperature, measured after this run
 
     def summary(self) -> str:
         return (
             f"{self.rows} rows: {self.inserted} inserted, {self.already_present} already present, "
             f"{self.duplicates} duplicate images skipped, {len(self.bad)} bad"
+            + (f"; credit temperature T = {self.calibration.temperature:.4g} (median nearest-neighbour distance "
+               f"{self.calibration.nearest_distance:.4g} over {self.calibration.sample} images)"
+               if self.calibration else "")
         )
 
 
@@ -208,4 +213,7 @@ def ingest(
         bar.update(len(batch))
     bar.close()
     report.index_state = index.finish(collection, timeout_s=index_timeout_s)
+    # The rows changed, so the distances did: measure the credit temperature again.
+    report.calibration = calibrate(index, collection, reranker, DEFAULTS.recall_k, DEFAULTS.nprobe)
+    index.save_calibration(collection, report.calibration)
     return report

@@ -69,7 +69,8 @@ class Attributor:
         self.limits = ImageLimits.from_settings(settings)
         self.info: CollectionInfo = index.info(collection)
         reranker_name = settings.reranker or self.info.reranker
-        if reranker_name not in ("none", self.info.reranker):
+        if reranker_name not in ("none", self.info.reranker) and not stores_same_features(reranker_name,
+                                                                                         self.info.reranker):
             raise IncompatibleCollectionError(
                 f"collection '{collection}' stores re-rank features for '{self.info.reranker}', not '{reranker_name}'; "
                 f"use --reranker {self.info.reranker} or none, or build a collection with --reranker {reranker_name}"
@@ -89,12 +90,20 @@ class Attributor:
         cache_bytes = settings.feature_cache_mb * 1024 * 1024 if feature_cache_bytes is None else feature_cache_bytes
         self.feature_cache = FeatureCache(cache_bytes)
         index.load(collection)
+        self.calibration = None if settings.fixed_temperature is not None else collection_calibration(
+            index, collection, self.reranker, settings)
+        self.temperature = settings.fixed_temperature or self.calibration.temperature
 
     @property
     def components(self) -> dict[str, str]:
         """What produces this collection's credits: the record a ledger hashes with each generation."""
         return {"collection": self.collection, "profile": self.info.profile, "encoder": self.encoder.name,
                 "reranker": self.reranker.name, "quality": self.quality.name}
+
+    def query_settings(self) -> dict[str, object]:
+        """What a server reports and a ledger record hashes: the settings with T as used."""
+        return {**self.settings.query_settings(), "temperature": self.temperature,
+                "temperature_source": "fixed" if self.calibration is None else "calibrated"}
 
     def attribute_bytes(self, images: Sequence[bytes], top_k: int | Sequence[int] | None = None) -> list[Attribution]:
         with self.times.stage("decode"):
@@ -146,7 +155,7 @@ class Attributor:
         return features
 
     def credit(self, kept: list[Hit], quality: float) -> Attribution:
-        values = credits_from_distances([hit.distance for hit in kept], quality, self.settings.temperature)
+        values = credits_from_distances([hit.distance for hit in kept], quality, self.temperature)
         return Attribution(quality, tuple(
             Credit(rank=i + 1, training_id=hit.training_id, contributor_id=hit.contributor_id,
                    credit=float(value), distance=hit.distance)
@@ -192,7 +201,9 @@ def attribute_batch(attributors: Sequence[Attributor], images: Sequence[Image.Im
             qualities[members] = scorer.score([images[i] for i in members])
     # A flat image (all black, fully transparent: what a safety checker returns) has no quality a
     # no-reference metric can measure (PIQE gives NaN): it gets q = 0, so it passes on no credit.
-    qualities = np.where(np.isfinite(qualities), qualities, 0.0)
+    # Every other image gets at least min_quality (0 unless set: the paper's q as measured).
+    floors = np.array([a.settings.min_quality for a in attributors])
+    qualities = np.where(np.isfinite(qualities), np.maximum(qualities, floors), 0.0)
     with times.stage("credit", batch):
         results = [attributors[i].credit(kept[i], float(qualities[i])) for i in range(count)]
     if on_batch is not None:
@@ -207,6 +218,36 @@ def _groups(attributors: Sequence[Attributor], key) -> list[tuple[object, list[i
         value = key(attributor)
         groups.setdefault(id(value), (value, []))[1].append(i)
     return list(groups.values())
+
+
+def stores_same_features(reranker: str, other: str) -> bool:
+    """Whether two re-rankers keep the same feature per training image (`l2` and `aligned_l2`),
+    so a collection built for one serves the other."""
+    from .registry import spec
+
+    try:
+        a, b = spec("reranker", reranker).facts, spec("reranker", other).facts
+    except ValueError:
+        return False
+    return (a.get("stored"), a.get("feature_dim")) == (b.get("stored"), b.get("feature_dim"))
+
+
+def collection_calibration(index: TrainingIndex, collection: str, reranker: Reranker, settings: Settings):
+    """The collection's stored calibration for `reranker`; measured and stored now for a
+    collection built before calibration existed (or re-ranked another way)."""
+    from .calibration import calibrate
+
+    stored = index.calibrations(collection).get(reranker.name)
+    if stored is not None:
+        return stored
+    calibration = calibrate(index, collection, reranker, settings.recall_k, settings.nprobe)
+    try:
+        index.save_calibration(collection, calibration)
+    except Exception as exc:  # a read-only Milvus user: use it, measured again at the next start
+        import logging
+
+        logging.getLogger(__name__).warning("could not store the calibration of '%s': %s", collection, exc)
+    return calibration
 
 
 def _profile_quality(profile: str) -> str:

@@ -23,8 +23,9 @@ class Profile:
 REGISTRY = {
     "paper": Profile("paper", encoder="vgg16", reranker="dreamsim", quality="maniqa",
                      description="the paper's choices: VGG-16 recall, DreamSim re-rank, MANIQA quality (pretrained weights)"),
-    "offline": Profile("offline", encoder="pixels", reranker="l2", quality="piqe",
-                       description="no downloads: 16x16 pixel recall, pixel ℓ2 re-rank, PIQE quality (training-free)"),
+    "offline": Profile("offline", encoder="pixels", reranker="aligned_l2", quality="piqe",
+                       description="no downloads: 16x16 pixel recall, aligned pixel ℓ2 re-rank (mirror, crop, "
+                                   "rotation and colour tolerant), PIQE quality (training-free)"),
 }
 PROFILES = REGISTRY
 

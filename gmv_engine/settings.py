@@ -10,6 +10,7 @@ deployment: Milvus, models, the pipeline, serving and the ledger.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -64,7 +65,12 @@ class Settings:
     top_k: int = setting(10, "k: training images kept after re-ranking (all others get zero credit); "
                              "a request's top_k of 0 means this", "pipeline")
     nprobe: int = setting(32, "IVF lists Milvus visits per query", "pipeline")
-    temperature: float = setting(1.0, "T in exp(-d/T); the paper's formula is T = 1", "pipeline")
+    temperature: str = setting("auto", "T in exp(-d/T): auto, the collection's calibrated T (the median distance "
+                                       "between a training image and its nearest other one, over 8), or a number; "
+                                       "1 is the paper's formula", "pipeline")
+    min_quality: float = setting(0.0, "q at least this for an image a quality metric scores lower, for metrics "
+                                      "that misjudge a domain (PIQE on microscopy); a flat image still gets q = 0",
+                                 "pipeline")
     reranker: str = setting("", "re-ranker: at build, overrides the profile's; at query time, none or empty "
                                 "(the collection's own)", "pipeline", choices="reranker")
     quality: str = setting("", "quality metric for q; empty: the collection's profile's", "pipeline",
@@ -192,13 +198,26 @@ class Settings:
             raise InvalidArgumentError(f"top_k must be between 1 and recall_k={self.recall_k}, got {self.top_k}")
         if self.nprobe < 1:
             raise InvalidArgumentError(f"nprobe must be at least 1, got {self.nprobe}")
-        if not self.temperature > 0:
-            raise InvalidArgumentError(f"temperature must be > 0, got {self.temperature}")
+        if self.temperature != "auto" and not (self.fixed_temperature or 0) > 0:
+            raise InvalidArgumentError(f"temperature must be auto or a number > 0, got {self.temperature!r}")
+        if not 0.0 <= self.min_quality <= 1.0:
+            raise InvalidArgumentError(f"min_quality must lie in [0, 1], got {self.min_quality}")
 
     def with_(self, **changes: Any) -> "Settings":
         return replace(self, **changes)
 
     # -- derived ----------------------------------------------------------------------------
+    @property
+    def fixed_temperature(self) -> float | None:
+        """T as a number, or None for auto (the collection's calibrated T)."""
+        if self.temperature == "auto":
+            return None
+        try:
+            value = float(self.temperature)
+        except ValueError:
+            return None
+        return value if math.isfinite(value) else None
+
     @property
     def embedded(self) -> bool:
         return not self.milvus_uri
@@ -211,7 +230,7 @@ class Settings:
     def query_settings(self) -> dict[str, Any]:
         """The search-time settings a server reports and a ledger record hashes."""
         return {"recall_k": self.recall_k, "nprobe": self.nprobe, "top_k": self.top_k,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "min_quality": self.min_quality}
 
 
 FIELDS = {f.name: f for f in fields(Settings)}

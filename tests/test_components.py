@@ -20,7 +20,7 @@ def solid(value: int, size: int = 32) -> Image.Image:
 
 def test_registries_name_every_component():
     assert set(ENCODERS) == {"pixels", "vgg16"}
-    assert set(RERANKERS) == {"none", "l2", "lpips", "dreamsim"}
+    assert set(RERANKERS) == {"none", "l2", "aligned_l2", "lpips", "dreamsim"}
     with pytest.raises(ValueError, match="unknown encoder"):
         create_encoder("resnet9000")
     with pytest.raises(ValueError, match="unknown re-ranker"):
@@ -33,6 +33,51 @@ def test_pixel_encoder_is_downsampled_pixels_in_unit_range():
     vectors = encoder.embed([solid(0), solid(255)])
     assert vectors.shape == (2, encoder.dim) and vectors.dtype == np.float32
     assert np.allclose(vectors[0], 0.0) and np.allclose(vectors[1], 1.0)
+
+
+def photo_crop(size: int = 64) -> Image.Image:
+    """A real photograph (scikit-image ships it) cropped off-centre, so it is not symmetric."""
+    import skimage.data
+
+    return Image.fromarray(skimage.data.astronaut()[40:300, 120:380]).resize((size, size))
+
+
+def test_aligned_l2_finds_the_source_after_mirror_crop_rotation_colour_and_grey():
+    from PIL import ImageEnhance, ImageOps
+
+    reranker = create_reranker("aligned_l2")
+    source = photo_crop()
+    others = [Image.fromarray(np.asarray(source)[::-1].copy()),  # upside down: no alignment undoes it
+              ImageOps.invert(source), solid(120, 64)]
+    stored = reranker.features([source, *others])
+    assert stored.shape == (4, reranker.feature_dim) == (4, create_reranker("l2").feature_dim)
+    width = source.width
+    edits = {
+        "mirror": ImageOps.mirror(source),
+        "crop": source.crop((6, 4, 6 + int(width * 0.8), 4 + int(width * 0.8))).resize(source.size),
+        "rotation": source.rotate(8, resample=Image.Resampling.BILINEAR),
+        "colour": ImageEnhance.Brightness(ImageEnhance.Color(source).enhance(1.4)).enhance(0.8),
+        "grey": ImageOps.grayscale(source).convert("RGB"),
+    }
+    plain = create_reranker("l2")
+    for edit, query in edits.items():
+        (aligned,) = reranker.distances([query], [stored])
+        (unaligned,) = plain.distances([query], [stored])
+        assert aligned.argmin() == 0, (edit, aligned)
+        assert aligned[0] < unaligned[0], edit  # alignment brings the source closer
+        assert aligned[0] < 0.5 * aligned[1:].min(), (edit, aligned)
+    (itself,) = reranker.distances([source], [stored])
+    assert itself[0] < 1e-3 and np.all(np.isfinite(itself))
+
+
+def test_aligned_l2_distance_comes_from_features_alone():
+    reranker = create_reranker("aligned_l2")
+    images = [photo_crop(), solid(0, 64), solid(200, 64)]
+    stored = reranker.features(images)
+    from_images = reranker.distances(images[:1], [stored])[0]
+    from_features = reranker.feature_distances(stored[:1], [stored])[0]
+    assert np.allclose(from_images, from_features)
+    assert reranker.feature_distances(stored[:1], [stored[:0]])[0].shape == (0,)
 
 
 def test_l2_reranker_is_rms_pixel_distance():

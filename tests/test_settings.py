@@ -38,7 +38,7 @@ def test_flags_show_the_tables_defaults_and_env():
 
 
 def test_choices_come_from_the_registries():
-    with pytest.raises(ValueError, match="reranker must be one of none, l2, lpips, dreamsim"):
+    with pytest.raises(ValueError, match="reranker must be one of none, l2, aligned_l2, lpips, dreamsim"):
         Settings(reranker="magic").validate()
     with pytest.raises(ValueError, match="encoder must be one of pixels, vgg16"):
         Settings(encoder="resnet9000").validate()

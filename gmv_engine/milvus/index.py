@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 FEATURES_SUFFIX = "__rerank"
 INFO_PROPERTY = "gmv.info"  # where CollectionInfo lives on servers that keep no description (Milvus Lite)
+CALIBRATION_PROPERTY = "gmv.calibration"  # {reranker: Calibration} (gmv_engine/calibration.py)
 MAX_TRAINING_ID = 1024
 MAX_CONTRIBUTOR_ID = 256
 # Attribution reads rows that never change once written, so it reads with Bounded consistency
@@ -444,6 +445,39 @@ class TrainingIndex:
             ]
             for hits in results
         ]
+
+    def sample_rows(self, name: str, count: int, seed: int = 0) -> dict[int, np.ndarray]:
+        """{pk: embedding} of up to `count` training rows, chosen reproducibly from (at most) the
+        first 16,384 keys Milvus returns: enough spread to calibrate on, one bounded query."""
+        from ..calibration import sample_keys
+
+        rows = self._call(f"list keys of '{name}'", self.client.query, name, filter="", output_fields=["pk"],
+                          limit=16384)
+        chosen = sample_keys([int(row["pk"]) for row in rows], count, seed)
+        if not chosen:
+            return {}
+        found = self._call(f"fetch embeddings of '{name}'", self.client.query, name, filter=f"pk in {chosen}",
+                           output_fields=["embedding"])
+        return {int(row["pk"]): np.asarray(row["embedding"], dtype=np.float32) for row in found}
+
+    def calibrations(self, name: str) -> dict:
+        """{reranker name: Calibration} stored with the collection."""
+        from ..calibration import Calibration
+
+        description = self._call("describe collection", self.client.describe_collection, name)
+        try:
+            stored = json.loads((description.get("properties") or {}).get(CALIBRATION_PROPERTY, "{}"))
+        except ValueError:
+            return {}
+        found = {reranker: Calibration.from_dict(data) for reranker, data in stored.items() if isinstance(data, dict)}
+        return {reranker: calibration for reranker, calibration in found.items() if calibration is not None}
+
+    def save_calibration(self, name: str, calibration) -> None:
+        """Store (replace) the calibration of one re-ranker, keeping the others'."""
+        stored = {reranker: c.to_dict() for reranker, c in self.calibrations(name).items()}
+        stored[calibration.reranker] = calibration.to_dict()
+        self._call("alter collection", self.client.alter_collection_properties, name,
+                   properties={CALIBRATION_PROPERTY: json.dumps(stored, sort_keys=True)})
 
     def fetch_features(self, name: str, pks: Iterable[int]) -> dict[int, np.ndarray]:
         pks = sorted(set(pks))

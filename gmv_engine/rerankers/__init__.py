@@ -3,6 +3,8 @@
 
     features(images) -> (n, feature_dim)                  at ingest, for training images
     distances(queries, candidate_features) -> [(K',), ...] at query time; lower = closer
+    feature_distances(query_features, candidate_features)  the same from features(queries):
+                                                          what calibrates a collection's temperature
 
 `none` keeps the recall order and distances (the paper's "no re-rank" variant).
 """
@@ -25,6 +27,8 @@ class Reranker(Protocol):
 
     def distances(self, queries: Sequence[Image.Image], candidates: Sequence[np.ndarray]) -> list[np.ndarray]: ...
 
+    def feature_distances(self, query_features: np.ndarray, candidates: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
 
 class NoReranker:
     """Keep the recall distances: no stored feature, no extra work."""
@@ -39,6 +43,8 @@ class NoReranker:
     def distances(self, queries, candidates):
         raise RuntimeError("the 'none' re-ranker uses the recall distances; the pipeline never calls this")
 
+    feature_distances = distances
+
 
 def _none(device: str) -> Reranker:
     return NoReranker()
@@ -48,6 +54,12 @@ def _l2(device: str) -> Reranker:
     from .pixel_l2 import PixelL2Reranker
 
     return PixelL2Reranker(device=device)
+
+
+def _aligned_l2(device: str) -> Reranker:
+    from .aligned_l2 import AlignedL2Reranker
+
+    return AlignedL2Reranker(device=device)
 
 
 def _lpips(device: str) -> Reranker:
@@ -69,6 +81,10 @@ REGISTRY = {
                       facts={"measures": "distance", "stored": "nothing", "feature_dim": 0}),
     "l2": Component("l2", _l2, "RMS pixel ℓ2 at 32x32",
                     facts={"measures": "distance", "stored": "32x32 RGB pixels", "feature_dim": 3072}),
+    "aligned_l2": Component("aligned_l2", _aligned_l2,
+                            "RMS pixel ℓ2 at 16x16 after the best of 60 alignments (mirror, 80% windows, ±8°), "
+                            "mean colour removed; greyscale queries compared in luminance",
+                            facts={"measures": "distance", "stored": "32x32 RGB pixels", "feature_dim": 3072}),
     "lpips": Component("lpips", _lpips, "LPIPS (AlexNet) at 64x64", needs_pretrained_weights=True,
                        facts={"measures": "distance", "stored": "64x64 RGB pixels", "feature_dim": 12288}),
     "dreamsim": Component("dreamsim", _dreamsim, "DreamSim (ensemble): cosine distance of stored embeddings",

@@ -26,7 +26,9 @@ class EmbeddingCosineReranker:
         return _unit(self.embed(images))
 
     def distances(self, queries: Sequence[Image.Image], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
-        query_features = self.features(queries)
+        return self.feature_distances(self.features(queries), candidates)
+
+    def feature_distances(self, query_features: np.ndarray, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [1.0 - _unit(stored) @ query for query, stored in zip(query_features, candidates)]
 
 

@@ -37,7 +37,9 @@ class LpipsReranker:
         return tensor.view(-1, self.side, self.side, 3).permute(0, 3, 1, 2)
 
     def distances(self, queries: Sequence[Image.Image], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
-        query_features = self.features(queries)
+        return self.feature_distances(self.features(queries), candidates)
+
+    def feature_distances(self, query_features: np.ndarray, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         out = []
         with self._torch.inference_mode():
             for query, stored in zip(query_features, candidates):

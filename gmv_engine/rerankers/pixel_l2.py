@@ -26,7 +26,9 @@ class PixelL2Reranker:
         return np.stack([pixel_vector(image, self.side) for image in images]).astype(np.float32)
 
     def distances(self, queries: Sequence[Image.Image], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
-        query_features = self.features(queries)
+        return self.feature_distances(self.features(queries), candidates)
+
+    def feature_distances(self, query_features: np.ndarray, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         scale = np.sqrt(self.feature_dim)
         return [
             np.linalg.norm(stored - query[None, :], axis=1) / scale

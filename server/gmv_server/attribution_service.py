@@ -189,7 +189,7 @@ class AttributionService:
         self.metrics.generations.labels(collection=collection).inc()
         if not record:
             return self._finish(collection, started, result, NOT_RECORDED)
-        settings = {**attributor.components, **self.settings.query_settings(), "top_k": top_k}
+        settings = {**attributor.components, **attributor.query_settings(), "top_k": top_k}
         stored, new = await self.ledger_writer.record(GenerationRecord(
             generation_id=request.generation_id, tenant_id=request.tenant_id, collection=collection,
             profile=attributor.info.profile, settings_hash=settings_hash(settings), image_sha256=image_hash,
@@ -273,5 +273,5 @@ def describe(index: TrainingIndex, attributor: Attributor) -> CollectionDescript
         reranker=attributor.reranker.name, feature_dim=info.feature_dim, quality=attributor.quality.name,
         row_count=state["total_rows"], index_type=state["index_type"] or "",
         index_params={k: str(v) for k, v in state["params"].items()},
-        search_params={k: str(v) for k, v in attributor.settings.query_settings().items()},
+        search_params={k: str(v) for k, v in attributor.query_settings().items()},
     )
