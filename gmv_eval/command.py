@@ -36,10 +36,10 @@ from gmv_engine.settings import DEFAULTS, Settings, add_config_flag, add_flags, 
 log = logging.getLogger("gmv.eval")
 
 CRITERIA = ("c1", "c2", "c3", "c4")
-RERANKERS = ("none", "l2", "lpips", "dreamsim")
+RERANKERS = ("none", "l2", "aligned_l2", "lpips", "dreamsim")
 RECALLS = ("IVF_PQ", "FLAT")
 EXIT_OK, EXIT_FAILED = 0, 2
-TEMPERATURE = DEFAULTS.temperature  # T in exp(-d/T): the paper's value function (T = 1)
+TEMPERATURE = DEFAULTS.temperature  # T in exp(-d/T): the default, each collection's calibrated T
 # Its own Milvus folder and a free port, so an eval never collides with `gmv demo` or a serve.
 EVAL_DATA_DIR = ".gmv/eval"
 EXTRA_HINT = "pip install -e '.[eval]'"
@@ -60,7 +60,9 @@ def register(subparsers) -> None:
         "eval", help="the paper's criteria C1-C4 over your data, through the server, with a report",
         description="Evaluate attribution with the GMValuator paper's criteria: C1 identical class, C2 identical "
                     "attributes, C3 data cleansing, C4 efficiency. Compares re-rankers and IVF_PQ vs exact search.")
-    parser.add_argument("criterion", choices=[*CRITERIA, "all"])
+    parser.add_argument("criterion", choices=[*CRITERIA, "photos", "all"],
+                        help="c1..c4, photos (credit to the right source on real photographs, built here), or all "
+                             "(photos too with --demo)")
     data = parser.add_argument_group("data")
     data.add_argument("--manifest", help="training CSV: path,training_id,contributor_id and label/attribute columns")
     data.add_argument("--generated", help="generated images CSV: path,generation_id and label/attribute columns")
@@ -77,6 +79,9 @@ def register(subparsers) -> None:
     data.add_argument("--noise-sigma", type=float, default=0.3, help="demo: Gaussian noise sigma, pixels in [0, 1]")
     data.add_argument("--epochs", type=int, default=150, help="demo: VAE training epochs (default 150)")
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--photos", type=int, default=15, dest="photo_count",
+                      help="photos: how many bundled photographs to crop (default 15, at most 22)")
+    data.add_argument("--photo-queries", type=int, default=600, help="photos: augmented queries (default 600)")
     run = parser.add_argument_group("evaluation")
     run.add_argument("--k", type=_csv_list(int), default=[5, 10, 30, 50], help="C1/C2 top-k list (default 5,10,30,50)")
     run.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
@@ -126,7 +131,7 @@ def _require_extra(demo: bool) -> None:
     before Milvus starts or anything is built."""
     import importlib.util
 
-    needed = [("matplotlib", "matplotlib")] + ([("sklearn", "scikit-learn")] if demo else [])
+    needed = [("matplotlib", "matplotlib")] + ([("sklearn", "scikit-learn"), ("skimage", "scikit-image")] if demo else [])
     missing = [name for module, name in needed if importlib.util.find_spec(module) is None]
     if missing:
         raise GMVError(f"gmv eval needs {' and '.join(missing)} (the eval extra): {EXTRA_HINT}")
@@ -440,7 +445,7 @@ def run(args) -> int:
     if min(ks) < 1 or max(ks) > args.recall_k or not 1 <= args.top_k <= args.recall_k:
         raise ValueError(f"every k and --top-k must lie between 1 and --recall-k={args.recall_k}")
     settings = _settings(args)
-    _require_extra(args.demo)
+    _require_extra(args.demo or args.criterion == "photos")
 
     from gmv_engine.milvus.embedded import free_port, open_index
     from gmv_engine.models import pick_device
@@ -455,8 +460,10 @@ def run(args) -> int:
     device = pick_device(settings.device)
     results: dict = {"command": "gmv " + " ".join(sys.argv[1:]), "skipped_criteria": {}, "data": {},
                      "c1": {}, "c2": {}, "c3": {}, "c4": {}, "chance": {}, "ingest": {}, "recall_overlap": {}}
-    inputs = _inputs(args, results, workdir)
-    results["criteria"], results["attributes"] = inputs.criteria, inputs.attributes
+    photos = args.criterion == "photos" or (args.criterion == "all" and args.demo)
+    inputs = (_inputs(args, results, workdir) if args.criterion != "photos"
+              else Inputs([], [], set(), [], None))
+    results["criteria"], results["attributes"] = inputs.criteria + (["photos"] if photos else []), inputs.attributes
 
     profile, encoder, quality, profile_note = _resolve_profile(args.eval_profile, device, args.quality)
     rerankers, skipped = available_rerankers(args.rerankers, device)
@@ -526,6 +533,11 @@ def run(args) -> int:
                     stages = stage_times(index, collection, _pipeline_settings(args, variant, quality.name), timed,
                                          encoder, rerankers[variant.reranker], quality, device=device)
                     results["c4"][variant.name] = asdict(C.efficiency(latencies, stages, stream_s, len(timed)))
+        if photos:
+            from .photos import run_photos
+
+            run_photos(args, index, data_dir, workdir, device, settings, results, rerankers, profile, encoder,
+                       quality, server_settings)
         for name in sorted({v.reranker for v in variants}):
             pq, flat = Variant(name, "IVF_PQ"), Variant(name, "FLAT")
             if pq in ranked_by_variant and flat in ranked_by_variant:

@@ -203,6 +203,10 @@ def write_report(out: str | Path, results: dict) -> Path:
         ks = _ks(next(iter(results["recall_overlap"].values())))
         lines += _table(["re-ranker", *[f"k={k}" for k in ks]],
                         [[name, *[_pct(shares[k]) for k in ks]] for name, shares in results["recall_overlap"].items()])
+    if results.get("photos"):
+        from .photos import photos_section
+
+        lines += photos_section(results["photos"])
     if results.get("samples_png"):
         lines += ["## The data", "", f"![samples]({results['samples_png']})", ""]
     path = out / "report.md"

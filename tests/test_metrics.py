@@ -148,6 +148,9 @@ def test_requests_stages_and_batches_are_counted(server, traffic, digits_collect
     assert values[f'gmv_requests_total{{code="OK",{c},method="GetIndexInfo"}}'] == 0  # exported before any call
     assert values[f"gmv_generations_attributed_total{{{c}}}"] == OK_REQUESTS
     assert values[f"gmv_generation_duration_seconds_count{{{c}}}"] == OK_REQUESTS
+    assert values[f"gmv_generation_quality_count{{{c}}}"] == OK_REQUESTS
+    assert values[f'gmv_generation_quality_bucket{{{c},le="1.0"}}'] == OK_REQUESTS
+    assert 0 < values[f"gmv_generation_quality_sum{{{c}}}"] <= OK_REQUESTS
     executions = values["gmv_batch_executions_total"]
     assert 1 <= executions <= OK_REQUESTS and values["gmv_batch_size_sum"] == OK_REQUESTS
     # Per generation: queue (only those that reached the batcher) and decode (bad images too).

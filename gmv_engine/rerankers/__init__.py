@@ -82,7 +82,7 @@ REGISTRY = {
     "l2": Component("l2", _l2, "RMS pixel ℓ2 at 32x32",
                     facts={"measures": "distance", "stored": "32x32 RGB pixels", "feature_dim": 3072}),
     "aligned_l2": Component("aligned_l2", _aligned_l2,
-                            "RMS pixel ℓ2 at 16x16 after the best of 60 alignments (mirror, 80% windows, ±8°), "
+                            "RMS pixel ℓ2 at 16x16 after the best of 168 alignments (mirror, windows of 90/80/70%, ±8°), "
                             "mean colour removed; greyscale queries compared in luminance",
                             facts={"measures": "distance", "stored": "32x32 RGB pixels", "feature_dim": 3072}),
     "lpips": Component("lpips", _lpips, "LPIPS (AlexNet) at 64x64", needs_pretrained_weights=True,

@@ -7,8 +7,8 @@ The stored feature is the same as the `l2` re-ranker's (the training image at 32
     d(q, c) = min over transforms t of RMS over the overlap of (c - mean) - (warp_t(q) - mean)
 
 at 16x16: the query is warped into the candidate's frame by each of a fixed set of similarity
-transforms (mirror or not; the whole frame or a window of 80% of it at 9 positions, as a
-tighter crop shows; rotated 0 or ±8 degrees), compared only where the warped query has pixels,
+transforms (mirror or not; the whole frame, or a window of 90, 80 or 70% of its side at 9
+positions, as a tighter crop shows; rotated 0 or ±8 degrees: 168 in all), compared only where the warped query has pixels,
 after removing each side's mean colour per channel there (brightness and tint changes). A
 greyscale query is compared with the candidates' luminance. Plain `l2` stays the paper's re-rank;
 docs/EVALUATION.md measures what alignment buys on real photographs.
@@ -27,7 +27,7 @@ from ..encoders.pixels import pixel_vector
 STORED_SIDE = 32  # what ingest stores: the same feature as the `l2` re-ranker's
 COMPARE_SIDE = 16  # where the comparison happens: 2x2-pooled, so small shifts and blur matter less
 MIRRORS = (False, True)
-WINDOWS = (1.0, 0.8)  # part of the candidate's side the query may show
+WINDOWS = (1.0, 0.9, 0.8, 0.7)  # part of the candidate's side the query may show (a tighter crop)
 WINDOW_POSITIONS = 3  # per axis, for windows under 1.0
 ROTATIONS_DEG = (0.0, -8.0, 8.0)
 GREY_TOLERANCE = 0.02  # a query whose channels differ by less than this everywhere is greyscale

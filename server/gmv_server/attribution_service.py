@@ -187,6 +187,7 @@ class AttributionService:
         result = await self.batcher.submit((attributor, image), top_k, request.deadline, request.tenant_id,
                                            request.stream or UNARY)
         self.metrics.generations.labels(collection=collection).inc()
+        self.metrics.quality.labels(collection=collection).observe(result.quality)
         if not record:
             return self._finish(collection, started, result, NOT_RECORDED)
         settings = {**attributor.components, **attributor.query_settings(), "top_k": top_k}

@@ -15,6 +15,8 @@ from gmv_engine.errors import IndexUnavailableError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# q in [0, 1]: 0 on its own (flat images, or a metric that scores a domain 0), then tenths.
+QUALITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # queue and decode are per request; embed..credit per batch (pipeline.STAGES); ledger_write per transaction.
 STAGES = ("queue", "decode", "embed", "recall", "rerank", "quality", "credit", "ledger_write")
 LEDGER_OUTCOMES = ("recorded", "replayed", "conflict", "error")
@@ -51,6 +53,9 @@ class ServerMetrics:
             ["collection"], buckets=LATENCY_BUCKETS, registry=r)
         self.generations = Counter("gmv_generations_attributed", "Generated images attributed (computed, not "
                                    "replayed), by collection", ["collection"], registry=r)
+        self.quality = Histogram("gmv_generation_quality", "q of each generation attributed (after min_quality): "
+                                 "the share of the credit pool it passes on, by collection", ["collection"],
+                                 buckets=QUALITY_BUCKETS, registry=r)
         self.batch_executions = Counter("gmv_batch_executions", "Model batches run by the dynamic batcher", registry=r)
         self.batch_size = Histogram("gmv_batch_size", "Generated images per model batch", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("gmv_queue_depth", "Requests waiting in the batcher's queue", registry=r)
@@ -105,6 +110,7 @@ class ServerMetrics:
             for method in self.methods:
                 self.requests.labels(method, "OK", collection)
             self.generations.labels(collection=collection)
+            self.quality.labels(collection=collection)
             self.generation_seconds.labels(collection=collection)
             for outcome in LEDGER_OUTCOMES:
                 self.ledger_writes.labels(outcome=outcome, collection=collection)
