@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -45,13 +46,22 @@ def dreamsim_cache_dir() -> str:
 
 
 def load_pretrained(model: str, build: Callable[[], T]) -> T:
-    """Run `build`, turning a failed weight fetch into MissingWeightsError(model)."""
+    """Run `build`, turning a failed weight fetch into MissingWeightsError(model).
+
+    torch.hub's folder is put back afterwards: DreamSim's constructor moves it to its own cache
+    (torch.hub.set_dir), and pyiqa, imported after that, would look for MANIQA's checkpoint
+    under <dreamsim cache>/pyiqa instead of <torch hub>/pyiqa, then try to download it."""
+    hub = sys.modules.get("torch.hub")
+    hub_dir = getattr(hub, "_hub_dir", None)
     try:
         return build()
     except MissingWeightsError:
         raise
     except OSError as exc:  # URLError, LocalEntryNotFoundError, FileNotFoundError are all OSErrors
         raise MissingWeightsError(model, f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        if hub is not None:
+            hub._hub_dir = hub_dir  # what torch.hub.set_dir sets; None: torch's default folder
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gmv_engine import models, registry
+from gmv_engine.errors import MissingWeightsError
 from gmv_engine.models import configure_model_dir, weights_status
 
 KINDS = ("encoder", "reranker", "quality")
@@ -137,6 +138,27 @@ def test_status_imports_no_model_library(tmp_path):
     assert result["loaded"] == []
     assert result["seconds"] < 2.0
     assert result["found"]["encoder/pixels"] and not result["found"]["encoder/vgg16"]  # HOME is empty
+
+
+def test_load_pretrained_puts_torch_hub_dir_back(model_dir, tmp_path):
+    # DreamSim's constructor calls torch.hub.set_dir(its cache); pyiqa, imported after it, would
+    # then look for MANIQA's checkpoint under <dreamsim cache>/pyiqa.
+    import torch.hub
+
+    def build():
+        torch.hub.set_dir(str(tmp_path / "dreamsim"))
+        return "built"
+
+    assert models.load_pretrained("dreamsim", build) == "built"
+    assert torch.hub.get_dir() == str(model_dir / "torch" / "hub")
+
+    def fail():
+        torch.hub.set_dir(str(tmp_path / "dreamsim"))
+        raise FileNotFoundError("no checkpoint")
+
+    with pytest.raises(MissingWeightsError):
+        models.load_pretrained("dreamsim", fail)
+    assert torch.hub.get_dir() == str(model_dir / "torch" / "hub")
 
 
 def test_model_dir_fixture_restores_everything(tmp_path_factory):
