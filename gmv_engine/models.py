@@ -3,19 +3,27 @@
 Weights come from each library's standard cache (torch hub, Hugging Face hub, DreamSim's
 cache folder) or, with --model-dir, from one folder holding all three. At serving time the
 Hugging Face hub is put in offline mode so a missing file fails at once instead of after
-minutes of retries; `gmv models download` is the one place that reaches the network.
+minutes of retries; `gmv models download` is the one place that reaches the network, and
+`gmv models pack|unpack` carry the files to a machine without it (a tar checked by sha256).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import io
+import json
 import os
+import shutil
 import sys
+import tarfile
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from .errors import MissingWeightsError
+from .errors import GMVError, MissingWeightsError
 
 T = TypeVar("T")
 
@@ -189,6 +197,253 @@ def weights_status(kind: str, name: str) -> WeightsStatus:
     if missing:
         return WeightsStatus(name, kind, False, True, looked_in, "not found: " + ", ".join(missing))
     return WeightsStatus(name, kind, True, True, looked_in, "pretrained weights found")
+
+
+# -- `gmv models pack|unpack`: weights for a machine without network ----------------------
+# A bundle is an uncompressed tar (weights do not compress): first a JSON manifest, then each
+# file under its path in the --model-dir layout (torch/hub/..., huggingface/hub/..., dreamsim/...),
+# whichever caches it was packed from. Unpack checks every file's sha256 before placing any.
+
+BUNDLE_MANIFEST = "gmv-model-bundle.json"
+BUNDLE_FORMAT = "gmv-model-bundle"
+BUNDLE_FORMAT_VERSION = 1
+
+
+class ModelBundleError(GMVError):
+    """A bundle cannot be written (weights missing) or placed (not a bundle, corrupted, unsafe)."""
+
+
+def layout_roots() -> dict[str, Path]:
+    """Each top folder of the --model-dir layout -> the folder it is on this machine now: the
+    model dir's own subfolders after configure_model_dir(model_dir), else each library's cache."""
+    return {"torch/hub": torch_hub_dir(), "huggingface/hub": hf_hub_cache(), "dreamsim": Path(dreamsim_cache_dir())}
+
+
+def layout_path(path: Path) -> str | None:
+    """`path`'s place in the --model-dir layout; None for a file in no cache (one that ships
+    inside its package, as LPIPS' calibration layers)."""
+    best: tuple[int, str] | None = None
+    for prefix, root in layout_roots().items():
+        try:
+            rest = Path(path).relative_to(root)  # lexical: _required_files builds its paths from these roots
+        except ValueError:
+            continue
+        if rest.parts and (best is None or len(root.parts) > best[0]):
+            best = (len(root.parts), f"{prefix}/{rest.as_posix()}")
+    return best[1] if best else None
+
+
+def bundle_files(models: list[tuple[str, str]]) -> dict[str, Path]:
+    """Layout path -> file on this machine, for every file `models` load (the first present of
+    each `_required_files` alternative). Besides those: a Hugging Face snapshot's refs/main (an
+    offline download resolves "main" through it) and the whole folder of a torch hub repo's
+    hubconf.py (it imports its neighbours). Raises ModelBundleError naming each missing file."""
+    from .registry import spec
+
+    files: dict[str, Path] = {}
+    missing: list[str] = []
+    for kind, name in models:
+        if not spec(kind, name).needs_pretrained_weights:
+            continue
+        required = _required_files(name)
+        if required is None:
+            missing.append(f"{name}: GMV does not know which files it loads")
+            continue
+        for what, paths in required:
+            found = next((path for path in paths if path.is_file()), None)
+            if found is None:
+                missing.append(f"{name}: {what} (looked in {', '.join(str(path) for path in paths)})")
+                continue
+            where = layout_path(found)
+            if where is None:
+                continue
+            files[where] = found
+            if where.startswith("huggingface/hub/") and found.parent.parent.name == "snapshots":
+                ref = found.parent.parent.parent / "refs" / "main"
+                files[layout_path(ref)] = ref
+            if found.name == "hubconf.py":
+                for code in sorted(found.parent.rglob("*")):
+                    if code.is_file() and "__pycache__" not in code.parts and code.suffix != ".pyc":
+                        files[layout_path(code)] = code
+    if missing:
+        raise ModelBundleError("cannot pack, weights missing: " + "; ".join(missing)
+                               + ". Fetch them with `gmv models download` where there is network, or pack "
+                                 "from a --model-dir that holds them.")
+    return dict(sorted(files.items()))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _HashingReader:
+    """A file's bytes as tarfile reads them, hashed on the way."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.handle.read(size)
+        self.digest.update(block)
+        self.size += len(block)
+        return block
+
+
+def pack_models(models: list[tuple[str, str]], out: str | Path, profile: str | None = None) -> dict:
+    """Write the bundle of `models`' weights to `out` (via out.partial, so no half bundle is left)
+    and return its manifest."""
+    from . import __version__
+
+    sources = bundle_files(models)
+    if not sources:
+        raise ModelBundleError(f"{', '.join(name for _, name in models)} load no weight files: nothing to pack")
+    entries = [{"path": where, "size": source.stat().st_size, "sha256": _sha256(source)}
+               for where, source in sources.items()]
+    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "gmv_version": __version__,
+                "profile": profile, "models": [name for _, name in models], "files": entries}
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+            data = json.dumps(manifest, indent=1).encode()
+            info = tarfile.TarInfo(BUNDLE_MANIFEST)
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+            for entry, source in zip(entries, sources.values()):
+                info = tarfile.TarInfo(entry["path"])
+                info.size, info.mode, info.mtime = entry["size"], 0o644, int(source.stat().st_mtime)
+                with open(source, "rb") as handle:
+                    reader = _HashingReader(handle)
+                    tar.addfile(info, reader)
+                if reader.size != entry["size"] or reader.digest.hexdigest() != entry["sha256"]:
+                    raise ModelBundleError(f"{source} changed while it was being packed; pack again")
+        os.replace(partial, out)
+    except OSError as exc:
+        raise ModelBundleError(f"cannot write {out}: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return manifest
+
+
+def _bundle_entries(manifest: object, bundle: Path) -> dict[str, dict]:
+    """The manifest's files by path, each path checked to stay inside the layout."""
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise ModelBundleError(f"{bundle} is not a GMV model bundle (its manifest names no format {BUNDLE_FORMAT!r})")
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise ModelBundleError(f"{bundle} has bundle format version {manifest.get('format_version')!r}; this GMV "
+                               f"reads version {BUNDLE_FORMAT_VERSION} (made by gmv {manifest.get('gmv_version')})")
+    entries: dict[str, dict] = {}
+    for entry in manifest.get("files") or []:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or not _safe_layout_path(path):
+            raise ModelBundleError(f"{bundle}: refusing the path {path!r}: not a relative path under "
+                                   + ", ".join(f"{prefix}/" for prefix in layout_roots()))
+        if path in entries:
+            raise ModelBundleError(f"{bundle}: {path} is listed twice")
+        size, digest = entry.get("size"), entry.get("sha256")
+        if not isinstance(size, int) or size < 0 or not isinstance(digest, str) or len(digest) != 64:
+            raise ModelBundleError(f"{bundle}: the manifest's entry for {path} has no valid size and sha256")
+        entries[path] = entry
+    if not entries:
+        raise ModelBundleError(f"{bundle}: the manifest lists no files")
+    return entries
+
+
+def _safe_layout_path(path: str) -> bool:
+    parts = path.split("/")
+    if "\\" in path or "\0" in path or any(part in ("", ".", "..") for part in parts):
+        return False  # also rejects an absolute path (its first part is empty)
+    return any(path.startswith(prefix + "/") for prefix in layout_roots())
+
+
+def _destination(path: str) -> tuple[Path, Path]:
+    """(root, file) where a layout path goes on this machine; refuses one that leaves its root
+    through a symlink."""
+    for prefix, root in layout_roots().items():
+        if path.startswith(prefix + "/"):
+            target = root.joinpath(*path[len(prefix) + 1:].split("/"))
+            inside, real_root = os.path.realpath(target.parent), os.path.realpath(root)
+            if inside != real_root and not inside.startswith(real_root + os.sep):
+                raise ModelBundleError(f"refusing {path}: {target.parent} leads outside {root}")
+            return root, target
+    raise ModelBundleError(f"refusing {path}: not under " + ", ".join(layout_roots()))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def unpack_models(bundle: str | Path) -> list[dict]:
+    """Place a bundle's files where this machine's libraries (or --model-dir) look for them.
+    Every file is extracted into a temporary folder beside its destination and its sha256
+    checked against the manifest; only when all match are they moved into place. Any mismatch,
+    unlisted or missing member, or unsafe path fails naming it and leaves the destination as it
+    was. Returns the manifest's entries."""
+    bundle = Path(bundle)
+    staging: dict[Path, Path] = {}  # an existing folder -> the temporary folder made in it
+    try:
+        with tarfile.open(bundle, "r:*") as tar:
+            first = tar.next()
+            if first is None or first.name != BUNDLE_MANIFEST or not first.isfile():
+                raise ModelBundleError(f"{bundle} is not a GMV model bundle: it does not start with {BUNDLE_MANIFEST}")
+            try:
+                manifest = json.loads(tar.extractfile(first).read())
+            except ValueError as exc:
+                raise ModelBundleError(f"{bundle}: its manifest is not JSON ({exc})") from None
+            entries = _bundle_entries(manifest, bundle)
+            plan = {path: _destination(path) for path in entries}
+            staged: dict[str, Path] = {}
+            for member in tar:  # from the first member again
+                if member is first:
+                    continue
+                path = member.name
+                if path not in entries:
+                    raise ModelBundleError(f"{bundle}: refusing the member {path!r}: the manifest does not list it")
+                if path in staged:
+                    raise ModelBundleError(f"{bundle}: {path} appears twice")
+                if not member.isfile():
+                    raise ModelBundleError(f"{bundle}: refusing {path}: not a regular file")
+                expected = entries[path]
+                if member.size != expected["size"]:
+                    raise ModelBundleError(f"{bundle}: {path} holds {member.size} bytes, the manifest says "
+                                           f"{expected['size']}: the bundle is damaged")
+                root, _ = plan[path]
+                anchor = _existing_ancestor(root)
+                if anchor not in staging:
+                    staging[anchor] = Path(tempfile.mkdtemp(prefix=".gmv-unpack-", dir=anchor))
+                target = staging[anchor].joinpath(*path.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                with tar.extractfile(member) as source, open(target, "wb") as sink:
+                    for block in iter(lambda: source.read(1 << 20), b""):
+                        digest.update(block)
+                        sink.write(block)
+                if digest.hexdigest() != expected["sha256"]:
+                    raise ModelBundleError(f"{bundle}: {path} does not match its sha256 in the manifest (got "
+                                           f"{digest.hexdigest()}, expected {expected['sha256']}): the bundle is "
+                                           "corrupted; nothing was placed")
+                staged[path] = target
+            absent = [path for path in entries if path not in staged]
+            if absent:
+                raise ModelBundleError(f"{bundle}: the manifest lists files the bundle lacks: {', '.join(absent)}")
+        for path, source in staged.items():
+            _, target = plan[path]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        return list(entries.values())
+    except (tarfile.TarError, EOFError) as exc:
+        raise ModelBundleError(f"{bundle} is not a readable tar bundle ({exc})") from exc
+    except OSError as exc:
+        raise ModelBundleError(f"cannot unpack {bundle}: {exc}") from exc
+    finally:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class ModelPool:
