@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -47,15 +49,18 @@ def no_network_env(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def standin_dir(tmp_path_factory, no_network_env) -> Path:
-    """A --model-dir holding STAND-IN (random) weights for vgg16, dreamsim and maniqa."""
+def standin_dir(tmp_path_factory, no_network_env) -> Iterator[Path]:
+    """A --model-dir holding STAND-IN (random) weights for vgg16, dreamsim and maniqa. It and
+    the bundle and unpacked copy below (7 GB together) are deleted afterwards: pytest keeps
+    the temporary folders of the last three sessions."""
     root = tmp_path_factory.mktemp("standin-models")
     started = time.perf_counter()
     built = subprocess.run([sys.executable, str(ROOT / "tests" / "standin_weights.py"), str(root)], cwd=ROOT,
                            env=no_network_env, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-4000:]
     print(f"stand-in model dir built in {time.perf_counter() - started:.1f} s")
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def gmv(env, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -67,20 +72,22 @@ def status_lines(result) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def bundle(standin_dir, no_network_env, tmp_path_factory) -> Path:
+def bundle(standin_dir, no_network_env, tmp_path_factory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("bundle") / "paper-weights.tar"
     packed = gmv(no_network_env, "models", "pack", "--profile", "paper", "--out", str(out),
                  "--model-dir", str(standin_dir))
     assert packed.returncode == 0, packed.stderr
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def unpacked_dir(bundle, no_network_env, tmp_path_factory) -> Path:
+def unpacked_dir(bundle, no_network_env, tmp_path_factory) -> Iterator[Path]:
     target = tmp_path_factory.mktemp("unpacked-models")
     unpacked = gmv(no_network_env, "models", "unpack", str(bundle), "--model-dir", str(target))
     assert unpacked.returncode == 0, unpacked.stderr
-    return target
+    yield target
+    shutil.rmtree(target, ignore_errors=True)
 
 
 def test_status_reports_the_paper_profile_present(standin_dir, no_network_env):
