@@ -26,12 +26,10 @@ PHOTO_RERANKERS = ("none", "l2", "aligned_l2")  # those measured when present (a
 
 
 def shares(credits, temperature: float) -> np.ndarray:
-    """Each kept image's share of the credit under T: softmax(-d/T), whatever q is."""
-    d = np.array([c.distance for c in credits], dtype=np.float64)
-    if d.size == 0:
-        return d
-    weights = np.exp(-(d - d.min()) / temperature)
-    return weights / weights.sum()
+    """Each kept image's share of the credit under T (the credit function at q = 1), whatever q is."""
+    from gmv_engine.credit import credits_from_distances
+
+    return credits_from_distances([c.distance for c in credits], 1.0, temperature)
 
 
 def score(results: dict, generations, training: dict, temperature: float) -> dict:

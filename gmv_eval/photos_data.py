@@ -112,7 +112,8 @@ def build_photo_set(out: str | Path, photos: tuple[str, ...] = PHOTOS[:15], cont
             path = out / "training" / f"{training_id}.png"
             crop.save(path)
             images[training_id] = crop
-            training.append({"path": str(path), "training_id": training_id, "contributor_id": contributor,
+            # Relative to the CSV's folder, which is how manifests resolve them.
+            training.append({"path": str(path.relative_to(out)), "training_id": training_id, "contributor_id": contributor,
                              "photo": name})
     generated: list[dict] = []
     for q in range(queries):
@@ -122,7 +123,7 @@ def build_photo_set(out: str | Path, photos: tuple[str, ...] = PHOTOS[:15], cont
         generation_id = f"query-{q:04d}-{kind}"
         path = out / "generated" / f"{generation_id}.png"
         image.save(path)
-        generated.append({"path": str(path), "generation_id": generation_id, "source_id": source["training_id"],
+        generated.append({"path": str(path.relative_to(out)), "generation_id": generation_id, "source_id": source["training_id"],
                           "contributor_id": source["contributor_id"], "augmentation": kind})
     manifest, generated_csv = out / "training.csv", out / "generated.csv"
     _write_csv(manifest, training)

@@ -86,6 +86,13 @@ def test_unknown_collection_is_a_clear_error(milvus, digits, tmp_path):
     assert "collection 'nope' does not exist" in result.stderr and "gmv index build" in result.stderr
 
 
+def test_serve_refuses_a_collection_of_another_profile(milvus, folder_collection, tmp_path):
+    result = gmv("serve", "--collection", "cli_digits", "--profile", "paper", "--milvus-uri", milvus.uri,
+                 "--data-dir", str(tmp_path), "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert "built with the 'offline' profile, not 'paper'" in result.stderr
+
+
 def test_unreachable_milvus_is_a_clear_error(digits, tmp_path):
     good = sorted((digits.root / "heldout").glob("*.png"))[0]
     result = gmv("attribute", str(good), "--collection", "x", "--milvus-uri", f"http://127.0.0.1:{free_port()}",

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,6 +279,9 @@ def test_photo_set_is_seeded_and_labelled(tmp_path):
     queries = list(csv.DictReader(one.generated.open()))
     assert {q["augmentation"] for q in queries} == set(AUGMENTATIONS)
     assert all(q["source_id"] in {r["training_id"] for r in rows} for q in queries)
+    # Relative to the CSV's folder (how manifests resolve paths), so a relative --workdir works.
+    assert all(not Path(r["path"]).is_absolute() and (one.manifest.parent / r["path"]).is_file() for r in rows)
+    assert all((one.generated.parent / q["path"]).is_file() for q in queries)
     for a, b in zip(sorted((tmp_path / "a" / "generated").iterdir()), sorted((tmp_path / "b" / "generated").iterdir())):
         assert a.read_bytes() == b.read_bytes()  # the same seed makes the same set
 

@@ -158,7 +158,7 @@ def test_a_corrupted_bundle_is_refused_and_changes_nothing(bundle, no_network_en
 
 def test_paper_profile_indexes_serves_and_attributes_offline(milvus, standin_dir, unpacked_dir, no_network_env,
                                                              tmp_path, monkeypatch):
-    """`gmv index build --profile paper` from the stand-in folder, `gmv serve` from the bundle
+    """`gmv index build --profile paper` from the stand-in folder, `gmv serve --profile paper` from the bundle
     unpacked elsewhere, one attribution through the Python client: credits that sum to q.
     The query is a training image: identical weights in both folders embed it identically, so
     it comes back first at distance 0 (a check of the files, not of attribution quality)."""
@@ -186,8 +186,8 @@ def test_paper_profile_indexes_serves_and_attributes_offline(milvus, standin_dir
         monkeypatch.delenv(name)  # TORCH_HOME and the like
     (tmp_path / "serve").mkdir()
     started = time.perf_counter()
-    server = start_server(milvus, collection, tmp_path / "serve" / "serve.log", "--model-dir", str(unpacked_dir),
-                          "--device", "cpu")
+    server = start_server(milvus, collection, tmp_path / "serve" / "serve.log", "--profile", "paper",
+                          "--model-dir", str(unpacked_dir), "--device", "cpu")
     try:
         print(f"gmv serve SERVING after {time.perf_counter() - started:.1f} s")
         query = images / "contributor-1" / "image-05.png"

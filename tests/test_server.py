@@ -76,6 +76,9 @@ def test_index_info(server, digits_collection):
         digits_collection[0], "offline", "pixels", "l2", "piqe")
     assert info.index_type == "IVF_PQ" and info.row_count == digits_collection[1].inserted
     assert info.index_params["m"] == "192" and info.search_params["top_k"] == "10"
+    # The default T is the collection's calibrated one, as its build stored it.
+    assert info.search_params["temperature_source"] == "calibrated"
+    assert float(info.search_params["temperature"]) == pytest.approx(digits_collection[1].calibration.temperature)
 
 
 def test_attribute_streams_credits_in_rank_order_equal_to_in_process(server, images, expected):

@@ -1,7 +1,8 @@
 """`gmv serve`: serve gmv.v1.AttributionService over gRPC for one or more collections."""
 from __future__ import annotations
 
-from gmv_engine.errors import GMVError
+from gmv_engine.errors import GMVError, IncompatibleCollectionError
+from gmv_engine.registry import names
 from gmv_engine.settings import Settings, add_config_flag, add_flags, from_args
 
 from .common import EXIT_OK, check_port_free, open_index
@@ -13,6 +14,9 @@ def register(commands) -> None:
                                              "`collections` in the config file); models are loaded once and shared.")
     add_config_flag(parser)
     add_flags(parser, groups=("serving", "security", "pipeline", "images", "ledger", "milvus", "models"))
+    parser.add_argument("--profile", dest="serve_profile", choices=names("profile"),
+                        help="serve only collections built with this profile (each collection's own build record "
+                             "picks its encoder and re-ranker; this makes a mismatch an error at start)")
     parser.add_argument("--insecure", action="store_true",
                         help="serve a non-loopback address though no API key exists and no client CA is set "
                              "(anyone who reaches the port may call it as any tenant)")
@@ -23,6 +27,18 @@ def load_settings(args) -> Settings:
     if not settings.collections:
         raise ValueError("a collection is required (--collection, GMV_COLLECTIONS or `collections` in the config file)")
     return settings
+
+
+def check_profile(index, collections, profile: str | None) -> None:
+    """With --profile, every collection served must have been built with it."""
+    if not profile:
+        return
+    for collection in collections:
+        built = index.info(collection).profile
+        if built != profile:
+            raise IncompatibleCollectionError(
+                f"collection '{collection}' was built with the '{built}' profile, not '{profile}'; serve it without "
+                f"--profile or with --profile {built}, or build it with `gmv index build --profile {profile}`")
 
 
 def is_loopback(host: str) -> bool:
@@ -60,5 +76,6 @@ def run(args) -> int:
                            "(gmv keys create --tenant T --role attribute), set --tls-client-ca, or pass --insecure "
                            "(docs/SECURITY.md)")
         with open_index(settings) as index:
+            check_profile(index, settings.collections, args.serve_profile)
             asyncio.run(serve(index, settings, ledger))
     return EXIT_OK
