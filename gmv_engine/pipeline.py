@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .credit import Attribution, Credit, credits_from_distances
 from .decode import ImageLimits, decode_image
@@ -127,8 +127,21 @@ class Attributor:
                 raise InvalidArgumentError(f"top_k must be between 1 and {self.settings.recall_k}, got {k}")
         return top_ks
 
-    def recall(self, vectors: np.ndarray) -> list[list[Hit]]:
-        return self.index.search(self.collection, vectors, self.settings.recall_k, self.settings.nprobe)
+    def recall(self, vectors: np.ndarray, mirrored: np.ndarray | None = None) -> list[list[Hit]]:
+        """The K' nearest training rows of each vector; with `mirrored` (the same images flipped
+        left to right), the K' nearest of either orientation, in one search."""
+        k = self.settings.recall_k
+        if mirrored is None:
+            return self.index.search(self.collection, vectors, k, self.settings.nprobe)
+        found = self.index.search(self.collection, np.concatenate([vectors, mirrored]), k, self.settings.nprobe)
+        merged = []
+        for plain, flipped in zip(found[:len(vectors)], found[len(vectors):]):
+            nearest: dict[int, Hit] = {}
+            for hit in (*plain, *flipped):
+                if hit.pk not in nearest or hit.distance < nearest[hit.pk].distance:
+                    nearest[hit.pk] = hit
+            merged.append(sorted(nearest.values(), key=lambda hit: (hit.distance, hit.training_id))[:k])
+        return merged
 
     def rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_ks: Sequence[int]) -> list[list[Hit]]:
         if self.reranker.name != "none":
@@ -177,16 +190,24 @@ def attribute_batch(attributors: Sequence[Attributor], images: Sequence[Image.Im
     batch: dict[str, float] = {}
     count = len(images)
     vectors: list[np.ndarray | None] = [None] * count
+    mirrored: list[np.ndarray | None] = [None] * count  # for attributors that recall both orientations
     checkpoint()
     with times.stage("embed", batch):
         for encoder, members in _groups(attributors, lambda a: a.encoder):
-            for i, vector in zip(members, encoder.embed([images[i] for i in members])):
+            flip = [i for i in members if attributors[i].settings.recall_mirror]
+            batch_images = [images[i] for i in members] + [ImageOps.mirror(images[i]) for i in flip]
+            embedded = encoder.embed(batch_images)
+            for i, vector in zip(members, embedded[:len(members)]):
                 vectors[i] = vector
+            for i, vector in zip(flip, embedded[len(members):]):
+                mirrored[i] = vector
     kept: list[list[Hit] | None] = [None] * count
     by_collection = _groups(attributors, lambda a: a)
     checkpoint()
     with times.stage("recall", batch):
-        recalled = {id(a): a.recall(np.stack([vectors[i] for i in members])) for a, members in by_collection}
+        recalled = {id(a): a.recall(np.stack([vectors[i] for i in members]),
+                                    np.stack([mirrored[i] for i in members]) if a.settings.recall_mirror else None)
+                    for a, members in by_collection}
     checkpoint()
     with times.stage("rerank", batch):
         for attributor, members in by_collection:

@@ -65,6 +65,10 @@ class Settings:
     top_k: int = setting(10, "k: training images kept after re-ranking (all others get zero credit); "
                              "a request's top_k of 0 means this", "pipeline")
     nprobe: int = setting(32, "IVF lists Milvus visits per query", "pipeline")
+    recall_mirror: int = setting(1, "1: recall also searches each generated image mirrored left to right, keeping "
+                                    "the K' nearest of both (generators trained with flip augmentation reproduce "
+                                    "training images mirrored); one Milvus search of twice the vectors; 0: off",
+                                 "pipeline")
     temperature: str = setting("auto", "T in exp(-d/T): auto, the collection's calibrated T (the median distance "
                                        "between a training image and its nearest other one, over 8), or a number; "
                                        "1 is the paper's formula", "pipeline")
@@ -200,6 +204,8 @@ class Settings:
             raise InvalidArgumentError(f"nprobe must be at least 1, got {self.nprobe}")
         if self.temperature != "auto" and not (self.fixed_temperature or 0) > 0:
             raise InvalidArgumentError(f"temperature must be auto or a number > 0, got {self.temperature!r}")
+        if self.recall_mirror not in (0, 1):
+            raise InvalidArgumentError(f"recall_mirror must be 0 or 1, got {self.recall_mirror}")
         if not 0.0 <= self.min_quality <= 1.0:
             raise InvalidArgumentError(f"min_quality must lie in [0, 1], got {self.min_quality}")
 
@@ -229,7 +235,7 @@ class Settings:
 
     def query_settings(self) -> dict[str, Any]:
         """The search-time settings a server reports and a ledger record hashes."""
-        return {"recall_k": self.recall_k, "nprobe": self.nprobe, "top_k": self.top_k,
+        return {"recall_k": self.recall_k, "nprobe": self.nprobe, "recall_mirror": self.recall_mirror, "top_k": self.top_k,
                 "temperature": self.temperature, "min_quality": self.min_quality}
 
 

@@ -82,6 +82,7 @@ def register(subparsers) -> None:
     data.add_argument("--photos", type=int, default=15, dest="photo_count",
                       help="photos: how many bundled photographs to crop (default 15, at most 22)")
     data.add_argument("--photo-queries", type=int, default=600, help="photos: augmented queries (default 600)")
+    data.add_argument("--crops-per-photo", type=int, default=13, help="photos: training crops per photograph (default 13)")
     run = parser.add_argument_group("evaluation")
     run.add_argument("--k", type=_csv_list(int), default=[5, 10, 30, 50], help="C1/C2 top-k list (default 5,10,30,50)")
     run.add_argument("--top-k", type=int, default=DEFAULTS.top_k,

@@ -68,10 +68,11 @@ def run_photos(args, index, data_dir: Path, workdir: Path, device: str, settings
     from .command import _build, load_dataset, served, stream
 
     start = time.perf_counter()
-    if not 1 <= args.photo_count <= len(PHOTOS) or args.photo_queries < 1:
-        raise ValueError(f"--photos must lie between 1 and {len(PHOTOS)}, --photo-queries be at least 1")
+    if not 1 <= args.photo_count <= len(PHOTOS) or min(args.photo_queries, args.crops_per_photo) < 1:
+        raise ValueError(f"--photos must lie between 1 and {len(PHOTOS)}, --photo-queries and --crops-per-photo "
+                         "be at least 1")
     photo_set = build_photo_set(workdir / "data" / "photos", photos=PHOTOS[:args.photo_count],
-                                queries=args.photo_queries, seed=args.seed)
+                                crops_per_photo=args.crops_per_photo, queries=args.photo_queries, seed=args.seed)
     dataset = load_dataset("photos", photo_set.manifest, photo_set.generated)
     qualities_seen: list[float] = []
     record: dict = {
@@ -92,7 +93,7 @@ def run_photos(args, index, data_dir: Path, workdir: Path, device: str, settings
         with served(index.uri, collection, name, server_settings, device, data_dir,
                     workdir / "logs" / f"serve-{collection}-{name}.log", milvus_token=settings.milvus_token,
                     model_dir=settings.model_dir) as client:
-            info = client.index_info()
+            info = client.index_info()  # the settings it serves with: T, recall_mirror
             by_id, seconds = stream(client, dataset.generations, args.top_k)
         temperature = float(info.search_params["temperature"])
         check_server_temperature(by_id, temperature)
@@ -100,6 +101,7 @@ def run_photos(args, index, data_dir: Path, workdir: Path, device: str, settings
             qualities_seen = [r.quality for r in by_id.values()]
         record["variants"][name] = {
             "temperature": temperature, "temperature_source": info.search_params.get("temperature_source", ""),
+            "recall_mirror": info.search_params.get("recall_mirror", ""),
             "served": score(by_id, dataset.generations, dataset.training, temperature),
             "paper_t": score(by_id, dataset.generations, dataset.training, PAPER_T),
             "stream_seconds": seconds,
@@ -124,12 +126,13 @@ def photos_section(photos: dict) -> list[str]:
              f"`gmv serve` on {photos['recall']} recall with default settings. *share* is the part of a "
              "generation's credit that reaches the right source crop (or contributor); *T = 1* recomputes it "
              "from the same distances with the paper's temperature.", ""]
-    header = ["re-ranker", "T", "top-1 source", "top-1 contributor", "share to source", "share to contributor",
+    header = ["re-ranker", "T", "recall mirror", "top-1 source", "top-1 contributor", "share to source", "share to contributor",
               "share to source at T = 1"]
     rows = []
     for name, variant in photos["variants"].items():
         served, paper = variant["served"]["all"], variant["paper_t"]["all"]
         rows.append([f"`{name}`", f"{variant['temperature']:.4g} ({variant['temperature_source']})",
+                     str(variant.get("recall_mirror", "")),
                      _pct(served["top1_source"]), _pct(served["top1_contributor"]), _pct(served["share_source"]),
                      _pct(served["share_contributor"]), _pct(paper["share_source"])])
     lines += _table(header, rows)

@@ -96,3 +96,26 @@ def test_min_quality_floors_q_but_not_for_flat_images(index, digits_collection, 
     assert floored.query_settings()["min_quality"] == 0.6
     with pytest.raises(InvalidArgumentError, match="min_quality"):
         Settings(min_quality=1.5).validate()
+
+
+def test_recall_mirror_finds_training_images_generated_mirrored(index, digits_collection, digits):
+    """A generator trained with flip augmentation may reproduce a training image mirrored; with
+    recall_mirror (the default) recall searches both orientations and finds it at distance 0."""
+    from PIL import ImageOps
+
+    from gmv_engine.ingest import read_manifest
+
+    name, _ = digits_collection
+    rows = read_manifest(digits.manifest)[::300][:5]
+    flipped = [ImageOps.mirror(load_image_file(row.path)[0]) for row in rows]
+    none = create_quality("none")
+    both = Attributor(index, name, Settings(reranker="none"), quality=none)
+    plain = Attributor(index, name, Settings(reranker="none", recall_mirror=0), quality=none)
+    assert both.settings.recall_mirror == 1 and both.query_settings()["recall_mirror"] == 1
+    for row, found in zip(rows, both.attribute(flipped)):
+        assert found.credits[0].training_id == row.training_id and found.credits[0].distance < 1e-3
+        assert [c.distance for c in found.credits] == sorted(c.distance for c in found.credits)
+        assert len({c.training_id for c in found.credits}) == len(found.credits) == 10  # no pk twice
+    assert any(r.credits[0].distance > 0.01 for r in plain.attribute(flipped))
+    with pytest.raises(InvalidArgumentError, match="recall_mirror"):
+        Settings(recall_mirror=2).validate()
