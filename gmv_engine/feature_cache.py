@@ -54,6 +54,12 @@ class FeatureCache:
             _, evicted = self._items.popitem(last=False)
             self._bytes -= evicted.nbytes
 
+    def clear(self) -> None:
+        """Forget every feature (a contributor's rows were removed from the collection)."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     def __len__(self) -> int:
         return len(self._items)
 

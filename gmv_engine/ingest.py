@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -60,6 +61,7 @@ class IngestReport:
     inserted: int = 0
     already_present: int = 0
     duplicates: int = 0  # exact same image bytes as a row already indexed (or earlier in this run)
+    refused: int = 0  # images of removed contributors (also in `bad`, with the reason)
     bad: list[BadRow] = field(default_factory=list)
     index_state: dict = field(default_factory=dict)
     per_contributor: dict[str, int] = field(default_factory=dict)  # contributor_id -> rows inserted this run
@@ -69,6 +71,7 @@ class IngestReport:
         return (
             f"{self.rows} rows: {self.inserted} inserted, {self.already_present} already present, "
             f"{self.duplicates} duplicate images skipped, {len(self.bad)} bad"
+            + (f" ({self.refused} refused: removed contributors)" if self.refused else "")
             + (f"; credit temperature T = {self.calibration.temperature:.4g} (median nearest-neighbour distance "
                f"{self.calibration.nearest_distance:.4g} over {self.calibration.sample} images)"
                if self.calibration else "")
@@ -162,8 +165,11 @@ def ingest(
 ) -> IngestReport:
     from tqdm import tqdm
 
+    from .milvus.erasure import blocked_hashes, removals
+
     report = IngestReport(rows=len(rows))
     index.create(collection, info, index_params, expected_rows=len(rows))
+    removed = removals(index, collection).contributors  # opted out: nothing of theirs goes back in
     seen_ids: dict[str, str] = {}  # training_id -> content hash, earlier in this run
     seen_hashes: dict[str, str] = {}  # content hash -> training_id, earlier in this run
     bar = tqdm(total=len(rows), unit="img", desc=f"indexing {collection}", disable=not progress)
@@ -180,6 +186,18 @@ def ingest(
                 report.bad.append(BadRow(row.where, row.training_id, str(exc)))
                 continue
             loaded.append((row, image, hashlib.sha256(data).hexdigest()))
+        refused = blocked_hashes(index, collection, [digest for _, _, digest in loaded])
+        kept = []
+        for row, image, digest in loaded:
+            owner = refused.get(digest) or (row.contributor_id if row.contributor_id in removed else None)
+            if owner is None:
+                kept.append((row, image, digest))
+                continue
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(removed[owner].removed_at)) if owner in removed else "?"
+            report.bad.append(BadRow(row.where, row.training_id, f"refused: contributor '{owner}' was removed from "
+                                                                 f"'{collection}' (opted out, {when})"))
+            report.refused += 1
+        loaded = kept
         in_index = index.existing(collection, [row.training_id for row, _, _ in loaded])
         hashes_in_index = index.existing_hashes(collection, [digest for _, _, digest in loaded])
         to_insert: list[tuple[SourceRow, Image.Image, str]] = []

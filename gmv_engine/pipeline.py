@@ -90,6 +90,9 @@ class Attributor:
         cache_bytes = settings.feature_cache_mb * 1024 * 1024 if feature_cache_bytes is None else feature_cache_bytes
         self.feature_cache = FeatureCache(cache_bytes)
         index.load(collection)
+        self.removals_version = 0
+        self.excluded: frozenset[str] = frozenset()  # removed (opted-out) contributors: never credited
+        self.refresh_removals()
         self.calibration = None if settings.fixed_temperature is not None else collection_calibration(
             index, collection, self.reranker, settings)
         self.temperature = settings.fixed_temperature or self.calibration.temperature
@@ -99,6 +102,20 @@ class Attributor:
         """What produces this collection's credits: the record a ledger hashes with each generation."""
         return {"collection": self.collection, "profile": self.info.profile, "encoder": self.encoder.name,
                 "reranker": self.reranker.name, "quality": self.quality.name}
+
+    def refresh_removals(self) -> bool:
+        """Read the collection's removed contributors; True when they changed since last read.
+        Their hits are dropped before re-ranking even while Milvus' delete is not yet visible
+        to searches, and the feature cache is emptied of the rows that went."""
+        from .milvus.erasure import removals
+
+        state = removals(self.index, self.collection)
+        if state.version == self.removals_version:
+            return False
+        self.excluded = frozenset(state.contributors)
+        self.removals_version = state.version
+        self.feature_cache.clear()
+        return True
 
     def query_settings(self) -> dict[str, object]:
         """What a server reports and a ledger record hashes: the settings with T as used."""
@@ -144,6 +161,9 @@ class Attributor:
         return merged
 
     def rerank(self, images: Sequence[Image.Image], recalled: list[list[Hit]], top_ks: Sequence[int]) -> list[list[Hit]]:
+        excluded = self.excluded
+        if excluded:
+            recalled = [[hit for hit in hits if hit.contributor_id not in excluded] for hits in recalled]
         if self.reranker.name != "none":
             features = self._features({hit.pk for hits in recalled for hit in hits})
             recalled = [[hit for hit in hits if hit.pk in features] for hits in recalled]

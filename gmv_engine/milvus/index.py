@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 FEATURES_SUFFIX = "__rerank"
+BLOCKED_SUFFIX = "__blocked"  # content hashes of removed contributors' images (milvus/erasure.py)
 INFO_PROPERTY = "gmv.info"  # where CollectionInfo lives on servers that keep no description (Milvus Lite)
 CALIBRATION_PROPERTY = "gmv.calibration"  # {reranker: Calibration} (gmv_engine/calibration.py)
 MAX_TRAINING_ID = 1024
@@ -236,7 +237,7 @@ class TrainingIndex:
 
     def list_collections(self) -> list[str]:
         names = self._call("list collections", self.client.list_collections)
-        return sorted(n for n in names if not n.endswith(FEATURES_SUFFIX))
+        return sorted(n for n in names if not n.endswith((FEATURES_SUFFIX, BLOCKED_SUFFIX)))
 
     def info(self, name: str) -> CollectionInfo:
         if not self.exists(name):
@@ -303,7 +304,7 @@ class TrainingIndex:
         self.load(name)
 
     def drop(self, name: str) -> None:
-        for collection in (name + FEATURES_SUFFIX, name):
+        for collection in (name + FEATURES_SUFFIX, name + BLOCKED_SUFFIX, name):
             if self._call("list collections", self.client.has_collection, collection):
                 self._call("drop collection", self.client.drop_collection, collection)
 

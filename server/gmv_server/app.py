@@ -127,7 +127,8 @@ async def serve(index: TrainingIndex, settings: Settings, ledger: Ledger) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    supervisor = MilvusSupervisor(index, collections[0], metrics, set_serving, probe_s=settings.milvus_probe_s)
+    supervisor = MilvusSupervisor(index, collections[0], metrics, set_serving, probe_s=settings.milvus_probe_s,
+                                  watch=service.refresh_removals)
     probe = asyncio.create_task(supervisor.run()) if settings.milvus_probe_s > 0 else None
     tidying = asyncio.create_task(housekeeping.run())  # memory back after a burst of requests
     await stopping.wait()

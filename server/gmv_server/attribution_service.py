@@ -125,6 +125,13 @@ class AttributionService:
         if self.batcher is not None:
             await self.batcher.stop()
 
+    def refresh_removals(self) -> None:
+        """Pick up contributors removed from served collections (`gmv contributors remove`)."""
+        for name, attributor in self.attributors.items():
+            if attributor.refresh_removals():
+                log.info("collection '%s': removed contributors now %s (version %d); they are credited no more",
+                         name, ", ".join(sorted(attributor.excluded)) or "none", attributor.removals_version)
+
     def _run_batch(self, items: Sequence[tuple[Attributor, Image.Image]], top_ks: Sequence[int],
                    checkpoint: Callable[[], None]) -> list[Attribution]:
         return attribute_batch([a for a, _ in items], [image for _, image in items], top_ks,

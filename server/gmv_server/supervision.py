@@ -25,7 +25,7 @@ RESTART_BACKOFF_S = (1.0, 60.0)  # first wait after a failed restart, and the ca
 
 class MilvusSupervisor:
     def __init__(self, index: TrainingIndex, collection: str, metrics: ServerMetrics,
-                 set_serving: Callable[[bool], None], probe_s: float):
+                 set_serving: Callable[[bool], None], probe_s: float, watch: Callable[[], None] | None = None):
         self.index = index
         self.collection = collection
         self.metrics = metrics
@@ -34,6 +34,7 @@ class MilvusSupervisor:
         self.down_since: float | None = None
         self._last_tick = time.monotonic()
         self._restart_wait_s = RESTART_BACKOFF_S[0]
+        self.watch = watch  # run after each probe that found Milvus up: collection changes (removals)
 
     async def run(self) -> None:
         while True:
@@ -51,6 +52,11 @@ class MilvusSupervisor:
         except GMVError as exc:  # counted by the call observer
             up, reason = False, str(exc)
         self._mark(up, reason)
+        if up and self.watch is not None:
+            try:
+                await asyncio.to_thread(self.watch)
+            except GMVError as exc:  # the next probe tries again
+                log.warning("could not read the collections' removals: %s", exc)
 
     def _mark(self, up: bool, reason: str) -> None:
         now = time.monotonic()

@@ -7,6 +7,7 @@ COMMANDS = {
     "milvus": "gmv_server.commands.milvus",
     "ledger": "gmv_server.commands.ledger",
     "keys": "gmv_server.commands.keys",
+    "contributors": "gmv_server.commands.contributors",
     "models": "gmv_server.commands.models",
     "demo": "gmv_server.commands.demo",
     "eval": "gmv_eval.command",
