@@ -104,6 +104,14 @@ def test_a_running_server_stops_crediting_a_removed_contributor(milvus, index, d
             assert credited(after) == 0
             for r in after:
                 assert len(r.credits) == 10 and sum(c.credit for c in r.credits) == pytest.approx(r.quality)
+            # The admin RPC does the same; the server it is sent to excludes them at once.
+            second = next(c for c in sorted({row.contributor_id for row in rows}) if c != gone)
+            wall = time.time()
+            reply = client.remove_contributor(second)
+            assert (reply.collection, reply.contributor_id) == (name, second) and reply.images_removed > 0
+            assert int(wall) - 1 <= reply.removed_at.ToSeconds() <= time.time()
+            at_once = [client.attribute(q, generation_id=f"rpc-{i}", record=False) for i, q in enumerate(queries[:20])]
+            assert not any(c.contributor_id in (gone, second) for r in at_once for c in r.credits)
     finally:
         stop_server(server)
     assert "they are credited no more" in (tmp_path / "serve" / "serve.log").read_text()
@@ -113,8 +121,9 @@ def test_a_running_server_stops_crediting_a_removed_contributor(milvus, index, d
     assert listing.returncode == 0, listing.stderr
     status = {row["contributor_id"]: row for row in json.loads(listing.stdout)["contributors"]}
     assert status[gone]["status"] == "removed" and status[gone]["images"] == 0
-    assert all(row["status"] == "active" and row["images"] > 0 for c, row in status.items() if c != gone)
+    assert status[second]["status"] == "removed"
+    assert all(row["status"] == "active" and row["images"] > 0 for c, row in status.items() if c not in (gone, second))
 
     encoder, reranker = offline_components
     again = ingest(index, name, rows, index.info(name), encoder, reranker, progress=False)
-    assert again.inserted == 0 and again.refused == report["images_removed"]
+    assert again.inserted == 0 and again.refused == report["images_removed"] + reply.images_removed

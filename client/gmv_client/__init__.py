@@ -319,6 +319,14 @@ class GMVClient:
         request = pb.ListCollectionsRequest()
         return list(self._retrying(lambda t: self.stub.ListCollections(request, timeout=t, metadata=self.metadata), timeout_s).collections)
 
+    def remove_contributor(self, contributor_id: str, collection: str = "", *,
+                           timeout_s: float | None = None) -> pb.RemoveContributorResponse:
+        """A contributor's opt-out (needs an admin key): their images leave the collection and
+        are credited no more. Safe to retry: a second run finishes an interrupted one."""
+        request = pb.RemoveContributorRequest(collection=collection, contributor_id=contributor_id)
+        return self._retrying(lambda t: self.stub.RemoveContributor(request, timeout=t, metadata=self.metadata),
+                              timeout_s)
+
     def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5, collection: str = "") -> pb.IndexInfo:
         """Block until the server answers (it says UNAVAILABLE while its models load), polling
         at most 5 s per attempt with jittered sleeps of at most poll_s; `retries` does not apply."""
@@ -403,6 +411,13 @@ class AsyncGMVClient:
         request = pb.ListCollectionsRequest()
         reply = await self._retrying(lambda t: self.stub.ListCollections(request, timeout=t, metadata=self.metadata), timeout_s)
         return list(reply.collections)
+
+    async def remove_contributor(self, contributor_id: str, collection: str = "", *,
+                                 timeout_s: float | None = None) -> pb.RemoveContributorResponse:
+        """As GMVClient.remove_contributor."""
+        request = pb.RemoveContributorRequest(collection=collection, contributor_id=contributor_id)
+        return await self._retrying(lambda t: self.stub.RemoveContributor(request, timeout=t, metadata=self.metadata),
+                                    timeout_s)
 
     async def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5,
                                collection: str = "") -> pb.IndexInfo:

@@ -162,6 +162,15 @@ class AttributionService:
     def describe(self, collection: str = "") -> CollectionDescription:
         return self.descriptions[self.resolve(collection)]
 
+    async def remove_contributor(self, collection: str, contributor_id: str):
+        """A contributor's opt-out (gmv_engine.milvus.erasure), seen by this server at once."""
+        from gmv_engine.milvus.erasure import remove_contributor
+
+        attributor = self.attributors[self.resolve(collection)]
+        removal = await asyncio.to_thread(remove_contributor, attributor.index, attributor.collection, contributor_id)
+        await asyncio.to_thread(self.refresh_removals)
+        return attributor.collection, removal
+
     def list_collections(self) -> list[CollectionDescription]:
         if not self.attributors:
             raise WarmingUpError("the server is loading its models; retry shortly")

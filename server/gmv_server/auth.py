@@ -4,7 +4,7 @@ method (health and reflection stay open).
 A credential is an API key sent as `authorization: Bearer <key>` (`gmv keys create`), or,
 under mutual TLS, the client certificate, whose common name is the tenant. Each is one tenant
 with roles: `attribute` (Attribute, AttributeStream), `read` (GetValuation, TopContributors),
-`admin` (everything, for any tenant). GetIndexInfo and ListCollections take any role.
+`admin` (everything, for any tenant; RemoveContributor only). GetIndexInfo and ListCollections take any role.
 
 Until the first key is created (and with no client CA) the server is open, as on a laptop:
 the tenant is whatever a request says. Keys are read from the ledger's database and cached for
@@ -32,6 +32,7 @@ METHOD_ROLES = {
     "Attribute": ("attribute",), "AttributeStream": ("attribute",),
     "GetValuation": ("read",), "TopContributors": ("read",),
     "GetIndexInfo": ("attribute", "read"), "ListCollections": ("attribute", "read"),
+    "RemoveContributor": ("admin",),
 }
 CERTIFICATE_ROLES = frozenset({"attribute", "read"})  # admin takes a key
 KEY_CACHE_S = 2.0  # how stale a key's state (revoked, expired) may be on a running server

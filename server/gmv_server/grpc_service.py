@@ -10,6 +10,7 @@ import time
 from typing import AsyncIterator
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
@@ -229,6 +230,20 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
             await self._fail("ListCollections", context, exc)
         self._count("ListCollections", grpc.StatusCode.OK, "")
         return pb.ListCollectionsResponse(collections=[to_index_info(d) for d in descriptions])
+
+    async def RemoveContributor(self, request, context) -> pb.RemoveContributorResponse:
+        try:
+            collection, removal = await self.service.remove_contributor(request.collection, request.contributor_id)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail("RemoveContributor", context, exc, request.collection)
+        self._count("RemoveContributor", grpc.StatusCode.OK, collection)
+        log.info("contributor '%s' removed from '%s': %d images, %d hashes blocked", loggable(removal.contributor_id),
+                 collection, removal.rows, removal.hashes_blocked)
+        removed_at = Timestamp()
+        removed_at.FromNanoseconds(int(removal.removed_at * 1e9))
+        return pb.RemoveContributorResponse(collection=collection, contributor_id=removal.contributor_id,
+                                            images_removed=removal.rows, hashes_blocked=removal.hashes_blocked,
+                                            removed_at=removed_at)
 
     async def _ledger_query(self, method: str, request, context, query):
         """Run `query(window)` on the service: (items, generations, total credit), or None

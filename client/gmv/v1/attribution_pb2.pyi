@@ -21,6 +21,28 @@ LEDGER_STATE_RECORDED: LedgerState
 LEDGER_STATE_REPLAYED: LedgerState
 LEDGER_STATE_NOT_RECORDED: LedgerState
 
+class RemoveContributorRequest(_message.Message):
+    __slots__ = ("collection", "contributor_id")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    contributor_id: str
+    def __init__(self, collection: _Optional[str] = ..., contributor_id: _Optional[str] = ...) -> None: ...
+
+class RemoveContributorResponse(_message.Message):
+    __slots__ = ("collection", "contributor_id", "images_removed", "hashes_blocked", "removed_at")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    HASHES_BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    contributor_id: str
+    images_removed: int
+    hashes_blocked: int
+    removed_at: _timestamp_pb2.Timestamp
+    def __init__(self, collection: _Optional[str] = ..., contributor_id: _Optional[str] = ..., images_removed: _Optional[int] = ..., hashes_blocked: _Optional[int] = ..., removed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class AttributeRequest(_message.Message):
     __slots__ = ("generation_id", "image", "top_k", "tenant_id", "skip_ledger", "collection")
     GENERATION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class AttributionServiceStub:
                 request_serializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsRequest.SerializeToString,
                 response_deserializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsResponse.FromString,
                 _registered_method=True)
+        self.RemoveContributor = channel.unary_unary(
+                '/gmv.v1.AttributionService/RemoveContributor',
+                request_serializer=gmv_dot_v1_dot_attribution__pb2.RemoveContributorRequest.SerializeToString,
+                response_deserializer=gmv_dot_v1_dot_attribution__pb2.RemoveContributorResponse.FromString,
+                _registered_method=True)
 
 
 class AttributionServiceServicer:
@@ -117,6 +122,16 @@ class AttributionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveContributor(self, request, context):
+        """Admin only: a contributor's opt-out. Every training image of theirs leaves the served
+        collection (recall index and re-rank store), their content hashes are blocked from
+        re-ingest, and no server credits them any more (each reads removals every few seconds;
+        this one at once). Past ledger records stay. Running it again finishes an interrupted one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttributionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +164,11 @@ def add_AttributionServiceServicer_to_server(servicer, server):
                     servicer.TopContributors,
                     request_deserializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsRequest.FromString,
                     response_serializer=gmv_dot_v1_dot_attribution__pb2.TopContributorsResponse.SerializeToString,
+            ),
+            'RemoveContributor': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveContributor,
+                    request_deserializer=gmv_dot_v1_dot_attribution__pb2.RemoveContributorRequest.FromString,
+                    response_serializer=gmv_dot_v1_dot_attribution__pb2.RemoveContributorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +333,33 @@ class AttributionService:
             '/gmv.v1.AttributionService/TopContributors',
             gmv_dot_v1_dot_attribution__pb2.TopContributorsRequest.SerializeToString,
             gmv_dot_v1_dot_attribution__pb2.TopContributorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveContributor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gmv.v1.AttributionService/RemoveContributor',
+            gmv_dot_v1_dot_attribution__pb2.RemoveContributorRequest.SerializeToString,
+            gmv_dot_v1_dot_attribution__pb2.RemoveContributorResponse.FromString,
             options,
             channel_credentials,
             insecure,
