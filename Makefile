@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench eval clean venv node postgres prometheus
+.PHONY: demo test bench eval clean venv node postgres prometheus chromium
 
 venv: $(STAMP)
 
@@ -45,7 +45,16 @@ prometheus:
 		echo "could not install Debian's prometheus package: the promtool/Prometheus tests will be skipped"; \
 	else echo "promtool/prometheus not found and apt-get not usable (needs root): the promtool/Prometheus tests will be skipped"; fi
 
-test: $(STAMP) node postgres prometheus
+# A real headless browser for the statement page test (tests/test_statements.py): Debian's chromium.
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "could not install Debian's chromium: the statement page test will be skipped"; \
+	else echo "chromium not found and apt-get not usable (needs root): the statement page test will be skipped"; fi
+
+test: $(STAMP) node postgres prometheus chromium
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

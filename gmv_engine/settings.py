@@ -107,6 +107,9 @@ class Settings:
                                   "probes that cannot speak TLS, as Kubernetes' gRPC probe); 0: none", "serving")
     metrics_host: str = setting("127.0.0.1", "address the Prometheus /metrics endpoint listens on", "serving")
     metrics_port: int = setting(0, "Prometheus /metrics port; 0: no metrics endpoint", "serving")
+    thumbnails_mb: float = setting(0.0, "keep a small JPEG of each generation recorded, for contributors' statements "
+                                        "(`gmv ledger statement`), up to this many MiB under data_dir/thumbnails, "
+                                        "oldest dropped first; 0: keep no generated image", "serving")
     max_batch_size: int = setting(32, "generated images per model batch", "serving")
     max_queue_delay_ms: float = setting(5.0, "how long the first request of a batch waits for company", "serving")
     max_queue_size: int = setting(256, "requests in progress (decoding, queued, running, recording) past which "
@@ -206,6 +209,8 @@ class Settings:
             raise InvalidArgumentError(f"temperature must be auto or a number > 0, got {self.temperature!r}")
         if self.recall_mirror not in (0, 1):
             raise InvalidArgumentError(f"recall_mirror must be 0 or 1, got {self.recall_mirror}")
+        if self.thumbnails_mb < 0:
+            raise InvalidArgumentError(f"thumbnails_mb must be >= 0, got {self.thumbnails_mb}")
         if not 0.0 <= self.min_quality <= 1.0:
             raise InvalidArgumentError(f"min_quality must lie in [0, 1], got {self.min_quality}")
 

@@ -96,6 +96,11 @@ class AttributionService:
         self._thread_slots = TenantSlots(THREAD_SLOTS_PER_TENANT)
         self.tenant_limits = TenantLimits(settings.tenant_rate_limit, settings.tenant_max_in_flight, self.metrics)
         self.models: ModelPool | None = None
+        self.thumbnails = None  # opt-in: statements show what was generated (gmv_engine/thumbnails.py)
+        if settings.thumbnails_mb > 0 and ledger is not None:
+            from gmv_engine.thumbnails import ThumbnailStore, thumbnail_dir
+
+            self.thumbnails = ThumbnailStore(thumbnail_dir(settings.data_dir), int(settings.thumbnails_mb * 1024 * 1024))
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, index: TrainingIndex, collections: Sequence[str], device: str, warm: bool = True) -> None:
@@ -124,6 +129,12 @@ class AttributionService:
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
+
+    def _keep_thumbnail(self, request, image) -> None:
+        try:
+            self.thumbnails.put(request.tenant_id, request.generation_id, image)
+        except OSError as exc:  # a full disk must not fail a recorded generation
+            log.warning("could not keep the thumbnail of %r: %s", request.generation_id[:128], exc)
 
     def refresh_removals(self) -> None:
         """Pick up contributors removed from served collections (`gmv contributors remove`)."""
@@ -213,6 +224,8 @@ class AttributionService:
             quality=result.quality, settings=settings, credits=result.credits,
         ))
         if new:
+            if self.thumbnails is not None:
+                await asyncio.to_thread(self._keep_thumbnail, request, image)
             return self._finish(collection, started, result, RECORDED)
         return self._finish(collection, started, stored.attribution, REPLAYED)  # a concurrent request recorded it first
 
