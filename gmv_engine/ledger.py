@@ -298,6 +298,10 @@ class Ledger(KeysMixin):
     def _is_duplicate_key(self, exc: Exception) -> bool:
         raise NotImplementedError
 
+    def _is_deadlock(self, exc: BaseException | None) -> bool:
+        """Two transactions waited on each other and the database aborted this one."""
+        return False
+
     def _is_unavailable(self, exc: Exception) -> bool:
         raise NotImplementedError
 
@@ -399,6 +403,10 @@ class Ledger(KeysMixin):
         """Group commit: several records in ONE transaction (one fsync), each whole or not at
         all. Returns per record what `record` returns, or its GenerationConflictError. Raises
         (and keeps none of them) when the database fails."""
+        return self._record_many(records, retry_deadlock=True)
+
+    def _record_many(self, records: Sequence[GenerationRecord], retry_deadlock: bool
+                     ) -> list[tuple[GenerationRecord, bool] | GMVError]:
         now = time.time()
         records = [r if r.recorded_at else _replace(r, recorded_at=now) for r in records]
         for record in records:
@@ -418,12 +426,19 @@ class Ledger(KeysMixin):
                 conn.execute("COMMIT")
             except Exception as exc:  # noqa: BLE001
                 self._rollback(conn)
-                if not self._is_duplicate_key(exc):
+                deadlocked = self._is_deadlock(exc)
+                if not (deadlocked or self._is_duplicate_key(exc)):
                     raise self._fail(exc, f"recording {len(records)} generation(s)") from exc
-                # Another replica recorded one of the ids between our read and our insert:
-                # record one by one, so each sees the other's row.
+                # Another replica recorded one of the ids between our read and our insert, or its
+                # group commit and ours each inserted an id the other then wanted (PostgreSQL
+                # aborts one of two such transactions): record one by one, so each sees the
+                # other's row. Nothing of the aborted transaction was kept.
                 if len(records) > 1:
                     return [self.record_many([r])[0] for r in records]
+                if deadlocked:
+                    if not retry_deadlock:
+                        raise self._fail(exc, f"recording generation '{records[0].generation_id}'") from exc
+                    return [self._record_again(records[0])]
                 return [self._outcome(records[0], self._earlier(records[0]))]
         outcomes = []
         for record in records:
@@ -432,6 +447,16 @@ class Ledger(KeysMixin):
             earlier = None if new and first is record else first
             outcomes.append(self._outcome(record, earlier))
         return outcomes
+
+    def _record_again(self, record: GenerationRecord):
+        """A single record whose transaction was aborted as a deadlock: up to 3 more tries."""
+        for attempt in range(3):
+            time.sleep(0.01 * (attempt + 1))
+            try:
+                return self._record_many([record], retry_deadlock=False)[0]
+            except LedgerUnavailableError as exc:
+                if attempt == 2 or not self._is_deadlock(exc.__cause__):
+                    raise
 
     def _earlier(self, record: GenerationRecord) -> GenerationRecord:
         earlier = self.get(record.generation_id, record.tenant_id)
@@ -657,6 +682,11 @@ class PostgresLedger(Ledger):
         import psycopg
 
         return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "generations_key"
+
+    def _is_deadlock(self, exc: BaseException | None) -> bool:
+        import psycopg
+
+        return isinstance(exc, psycopg.errors.DeadlockDetected)
 
     def _is_unavailable(self, exc: Exception) -> bool:
         import psycopg
