@@ -26,12 +26,14 @@ import os
 import math
 import re
 import sqlite3
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from . import transparency
 from .credit import Attribution, Credit
 from .errors import GenerationConflictError, GMVError, LedgerUnavailableError
 
@@ -108,6 +110,32 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             created_at DOUBLE PRECISION NOT NULL,
             expires_at DOUBLE PRECISION,
             revoked_at DOUBLE PRECISION)""",
+    ]),
+    # The tamper-evident ledger (gmv_engine/transparency.py, docs/LEDGER.md): each record's
+    # leaf hash in its own row, written by the same INSERT (no cross-row state, so replicas
+    # and group commits do not wait for each other); existing rows get theirs here. A sealed
+    # month keeps its signed checkpoint and its ordered leaves, so `verify` can name a record
+    # that was removed or inserted later.
+    (4, "leaf hashes per generation; signed monthly checkpoints and their sealed leaves", [
+        "ALTER TABLE generations ADD COLUMN leaf_hash TEXT",
+        lambda ledger, conn: ledger._backfill_leaf_hashes(conn),
+        """CREATE TABLE ledger_checkpoints (
+            period TEXT PRIMARY KEY,
+            tree_size INTEGER NOT NULL,
+            root_hash TEXT NOT NULL,
+            total_credit DOUBLE PRECISION NOT NULL,
+            checkpoint TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            sealed_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE ledger_sealed_leaves (
+            period TEXT NOT NULL REFERENCES ledger_checkpoints (period),
+            leaf_index INTEGER NOT NULL,
+            tenant_id TEXT NOT NULL,
+            generation_id TEXT NOT NULL,
+            leaf_hash TEXT NOT NULL,
+            PRIMARY KEY (period, leaf_index))""",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -271,7 +299,408 @@ def _api_key(row) -> ApiKey:
     return ApiKey(key_id, tenant, tuple(r for r in roles.split(",") if r), created, expires, revoked, digest)
 
 
-class Ledger(KeysMixin):
+SLICE_RECORDS = 20_000  # generations read into memory at once by seal, verify and the backfill
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A sealed month as the ledger stores it. `text` and `signature` are what was signed;
+    the other fields repeat parts of it for queries (verify trusts only the signed text)."""
+
+    period: str
+    tree_size: int
+    root_hash: str
+    total_credit: float
+    text: str
+    signature: str
+    key_id: str
+    public_key: str  # PEM of the key that signed it, as the ledger says (not a trust anchor)
+    sealed_at: float
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return json.loads(self.text)
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found. `findings` name records (first difference first, per month); an
+    empty list means every check passed. `notes` say what was checked and how."""
+
+    findings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    records: int = 0
+    sealed: list[str] = field(default_factory=list)
+    unsealed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+class AlreadySealedError(GMVError):
+    """The month has a checkpoint already; a sealed month is never sealed again."""
+
+
+class TransparencyMixin:
+    """Leaf hashes, signed monthly checkpoints, verification and inclusion proofs (the Ledger
+    class below mixes this in; the hashing and signing are gmv_engine/transparency.py's)."""
+
+    # -- reading records with their stored leaf hashes ------------------------------------------
+    def _slices(self, conn, lo: float, hi: float) -> Iterator[tuple[float, float]]:
+        """[lo, hi) cut into time slices of at most SLICE_RECORDS generations, oldest first
+        (a slice narrower than a millisecond is not cut further)."""
+        count = self._execute(conn, "SELECT COUNT(*) FROM generations WHERE recorded_at >= ? AND recorded_at < ?",
+                              (lo, hi)).fetchone()[0]
+        if not count:
+            return
+        if count <= SLICE_RECORDS or hi - lo < 1e-3:
+            yield lo, hi
+            return
+        middle = lo + (hi - lo) / 2
+        yield from self._slices(conn, lo, middle)
+        yield from self._slices(conn, middle, hi)
+
+    def _read_records(self, conn, lo: float, hi: float) -> list[tuple[GenerationRecord, str | None]]:
+        """The records in [lo, hi) with their stored leaf hashes, in leaf order."""
+        rows = self._execute(conn, "SELECT generation_id, tenant_id, collection, profile, settings_hash, image_sha256, "
+                                   "quality, recorded_at, leaf_hash FROM generations "
+                                   "WHERE recorded_at >= ? AND recorded_at < ?", (lo, hi)).fetchall()
+        credits: dict[tuple[str, str], list[tuple]] = {}
+        for tenant, generation, *credit in self._execute(
+                conn, "SELECT c.tenant_id, c.generation_id, c.rank, c.training_id, c.contributor_id, c.credit, c.distance "
+                      "FROM credits c JOIN generations g ON g.tenant_id = c.tenant_id AND g.generation_id = c.generation_id "
+                      "WHERE g.recorded_at >= ? AND g.recorded_at < ?", (lo, hi)).fetchall():
+            credits.setdefault((tenant, generation), []).append(credit)
+        records = [(GenerationRecord(*row[:7], credits=tuple(Credit(*c) for c in sorted(credits.get((row[1], row[0]), ()))),
+                                     recorded_at=row[7]), row[8]) for row in rows]
+        records.sort(key=lambda item: (item[0].recorded_at, item[0].tenant_id, item[0].generation_id))
+        return records
+
+    def _bounds(self, conn, since: float | None, until: float | None) -> tuple[float, float] | None:
+        low, high = self._execute(conn, "SELECT MIN(recorded_at), MAX(recorded_at) FROM generations").fetchone()
+        if low is None:
+            return None
+        lo = low if since is None else since
+        hi = math.nextafter(high, math.inf) if until is None else until
+        return (lo, hi) if lo < hi else None
+
+    def iter_records(self, since: float | None = None, until: float | None = None
+                     ) -> Iterator[tuple[GenerationRecord, str | None]]:
+        """Every record in [since, until) with the leaf hash stored with it (None if none), in
+        leaf order: (recorded_at, tenant_id, generation_id). Reads a slice at a time."""
+        with self._lock:
+            try:
+                conn = self._connection()
+                bounds = self._bounds(conn, since, until)
+                slices = list(self._slices(conn, *bounds)) if bounds else []
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail(exc, "reading records") from exc
+        for lo, hi in slices:
+            with self._lock:
+                try:
+                    records = self._read_records(self._connection(), lo, hi)
+                except Exception as exc:  # noqa: BLE001
+                    raise self._fail(exc, "reading records") from exc
+            yield from records
+
+    def _backfill_leaf_hashes(self, conn) -> None:
+        """Migration 4: the leaf hash of every record written before leaf hashes existed."""
+        bounds = self._bounds(conn, None, None)
+        for lo, hi in (list(self._slices(conn, *bounds)) if bounds else []):
+            rows = [(transparency.record_leaf_hash(record), record.tenant_id, record.generation_id)
+                    for record, _ in self._read_records(conn, lo, hi)]
+            conn.cursor().executemany(self._sql("UPDATE generations SET leaf_hash = ? WHERE tenant_id = ? "
+                                                "AND generation_id = ?"), rows)
+
+    def periods(self, since: float | None = None, until: float | None = None) -> list[str]:
+        """The months ('YYYY-MM') in [since, until) that hold records or a checkpoint, oldest first."""
+        found = set()
+        with self._lock:
+            try:
+                conn = self._connection()
+                cursor = since
+                while True:
+                    clauses = " AND ".join(c for c, v in (("recorded_at >= ?", cursor), ("recorded_at < ?", until))
+                                           if v is not None)
+                    params = [v for v in (cursor, until) if v is not None]
+                    first = self._execute(conn, "SELECT MIN(recorded_at) FROM generations" +
+                                          (" WHERE " + clauses if clauses else ""), params).fetchone()[0]
+                    if first is None:
+                        break
+                    period = transparency.period_of(first)
+                    found.add(period)
+                    cursor = transparency.month_bounds(period)[1]
+                sealed = [row[0] for row in self._execute(conn, "SELECT period FROM ledger_checkpoints").fetchall()]
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail(exc, "listing months") from exc
+        for period in sealed:
+            start, end = transparency.month_bounds(period)
+            if (since is None or end > since) and (until is None or start < until):
+                found.add(period)
+        return sorted(found)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _sealed_among(self, conn, periods: set[str]) -> set[str]:
+        rows = self._execute(conn, f"SELECT period FROM ledger_checkpoints WHERE period IN "
+                                   f"({', '.join('?' * len(periods))})", sorted(periods)).fetchall()
+        return {row[0] for row in rows}
+
+    def checkpoint(self, period: str) -> Checkpoint | None:
+        rows = self._query("SELECT period, tree_size, root_hash, total_credit, checkpoint, signature, key_id, public_key, "
+                           "sealed_at FROM ledger_checkpoints WHERE period = ?", (period,), "reading a checkpoint")
+        return Checkpoint(*rows[0]) if rows else None
+
+    def checkpoints(self) -> list[Checkpoint]:
+        rows = self._query("SELECT period, tree_size, root_hash, total_credit, checkpoint, signature, key_id, public_key, "
+                           "sealed_at FROM ledger_checkpoints ORDER BY period", (), "listing checkpoints")
+        return [Checkpoint(*row) for row in rows]
+
+    def sealed_leaves(self, period: str) -> list[tuple[str, str, str]]:
+        """(tenant_id, generation_id, leaf hash) of each leaf of a sealed month, in leaf order."""
+        rows = self._query("SELECT tenant_id, generation_id, leaf_hash FROM ledger_sealed_leaves WHERE period = ? "
+                           "ORDER BY leaf_index", (period,), "reading sealed leaves")
+        return [tuple(row) for row in rows]
+
+    def check_sealable(self, period: str, now: float | None = None, grace_s: float = transparency.SEAL_GRACE_S) -> None:
+        """GMVError unless `period` is over (by grace_s) and AlreadySealedError if it is sealed."""
+        until = transparency.month_bounds(period)[1]
+        if until > (time.time() if now is None else now) - grace_s:
+            raise GMVError(f"{period} cannot be sealed before {transparency.iso(until + grace_s)}: a month is sealed "
+                           f"once it is over and {grace_s / 60:.0f} minutes have passed (records may still be arriving)")
+        if self.checkpoint(period) is not None:
+            raise AlreadySealedError(f"{period} is already sealed")
+
+    def seal(self, period: str, private_key, now: float | None = None,
+             grace_s: float = transparency.SEAL_GRACE_S) -> Checkpoint:
+        """Seal a finished month: recompute every record's leaf from its content (refusing if
+        one no longer matches the hash stored with it), build the month's Merkle tree, sign a
+        checkpoint with `private_key` (Ed25519) and store it with the ordered leaves, in one
+        transaction. Raises AlreadySealedError for a sealed month."""
+        now = time.time() if now is None else now
+        self.check_sealable(period, now, grace_s)
+        since, until = transparency.month_bounds(period)
+        leaves: list[tuple[str, str, str]] = []
+        mismatched: list[str] = []
+        tenants: dict[str, tuple[int, list[float]]] = {}  # fsum'd at the end: exact, whatever the order
+        for record, stored in self.iter_records(since, until):
+            leaf = transparency.record_leaf_hash(record)
+            if stored != leaf:
+                mismatched.append(f"{record.tenant_id}/{record.generation_id}")
+            leaves.append((record.tenant_id, record.generation_id, leaf))
+            count, credits = tenants.setdefault(record.tenant_id, (0, []))
+            credits.extend(c.credit for c in record.credits)
+            tenants[record.tenant_id] = (count + 1, credits)
+        if mismatched:
+            raise GMVError(f"refusing to seal {period}: {len(mismatched)} record(s) no longer match the leaf hash stored "
+                           f"with them (changed after they were recorded): {', '.join(mismatched[:10])}"
+                           + (" ..." if len(mismatched) > 10 else "") + "; run `gmv ledger verify`")
+        root = transparency.merkle_root([bytes.fromhex(h) for _, _, h in leaves])
+        public = private_key.public_key()
+        document = transparency.checkpoint_document(
+            period, len(leaves), root, math.fsum(c for _, credits in tenants.values() for c in credits),
+            {tenant: (count, math.fsum(credits)) for tenant, (count, credits) in tenants.items()},
+            transparency.key_id(public), now)
+        text, signature = transparency.sign_checkpoint(document, private_key)
+        checkpoint = Checkpoint(period, len(leaves), root.hex(), document["total_credit"], text, signature,
+                                document["key_id"], transparency.public_key_pem(public), now)
+        with self._lock:
+            conn = self._connection()
+            try:
+                self._begin(conn)
+                if self._sealed_among(conn, {period}):
+                    raise AlreadySealedError(f"{period} is already sealed")
+                self._execute(conn, "INSERT INTO ledger_checkpoints (period, tree_size, root_hash, total_credit, "
+                                    "checkpoint, signature, key_id, public_key, sealed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              (checkpoint.period, checkpoint.tree_size, checkpoint.root_hash, checkpoint.total_credit,
+                               checkpoint.text, checkpoint.signature, checkpoint.key_id, checkpoint.public_key, now))
+                if leaves:
+                    conn.cursor().executemany(
+                        self._sql("INSERT INTO ledger_sealed_leaves (period, leaf_index, tenant_id, generation_id, "
+                                  "leaf_hash) VALUES (?, ?, ?, ?, ?)"),
+                        [(period, i, tenant, generation, leaf) for i, (tenant, generation, leaf) in enumerate(leaves)])
+                conn.execute("COMMIT")
+            except AlreadySealedError:
+                self._rollback(conn)
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._rollback(conn)
+                if self.checkpoint(period) is not None:  # another operator sealed it meanwhile
+                    raise AlreadySealedError(f"{period} is already sealed") from exc
+                raise self._fail(exc, f"sealing {period}") from exc
+        return checkpoint
+
+    # -- verifying ------------------------------------------------------------------------------
+    def verify(self, period: str | None = None, public_keys: Sequence | None = None) -> VerifyReport:
+        """Recompute everything: each record's leaf against the hash stored with it; for each
+        sealed month, the checkpoint's signature (under `public_keys`, else only under the key
+        the ledger itself names), the sealed leaves against the signed root, and the records
+        now against the sealed leaves, naming each record removed, inserted or changed, first
+        difference first. Also credit rows without their generation."""
+        report = VerifyReport()
+        since, until = transparency.month_bounds(period) if period else (None, None)
+        if public_keys:
+            report.notes.append("checkpoint signatures checked against the given public key(s): "
+                                + ", ".join(transparency.key_id(k) for k in public_keys))
+        for month in self.periods(since, until):
+            self._verify_month(month, public_keys, report)
+        orphans = self._query("SELECT c.tenant_id, c.generation_id, COUNT(*) FROM credits c LEFT JOIN generations g "
+                              "ON g.tenant_id = c.tenant_id AND g.generation_id = c.generation_id "
+                              "WHERE g.generation_id IS NULL GROUP BY c.tenant_id, c.generation_id "
+                              "ORDER BY c.tenant_id, c.generation_id", (), "checking")
+        for tenant, generation, count in orphans:
+            report.findings.append(f"generation {tenant}/{generation}: {count} credit row(s) without their generation "
+                                   "(its generation row was removed)")
+        return report
+
+    def _verify_month(self, period: str, public_keys: Sequence | None, report: VerifyReport) -> None:
+        since, until = transparency.month_bounds(period)
+        current: list[tuple[str, str, str]] = []  # (tenant, id, leaf recomputed from the content)
+        problems: dict[tuple[str, str], list[str]] = {}
+        for record, stored in self.iter_records(since, until):
+            key = (record.tenant_id, record.generation_id)
+            leaf = _leaf_hash(record)
+            current.append((*key, leaf or "00" * 32))
+            reasons = []
+            if stored is None:
+                reasons.append(NO_LEAF_HASH)
+            elif stored != leaf:
+                reasons.append(LEAF_MISMATCH)
+            ranks = [c.rank for c in record.credits]
+            if ranks != list(range(1, len(ranks) + 1)):
+                reasons.append(f"its credit ranks are {ranks} (a credit row was removed or added)")
+            elif ranks and abs(math.fsum(c.credit for c in record.credits) - record.quality) > 1e-6 * max(1.0, record.quality):
+                reasons.append(f"its credits sum to {math.fsum(c.credit for c in record.credits)!r}, not to its quality "
+                               f"{record.quality!r} (a credit was changed)")
+            if reasons:
+                problems[key] = reasons
+        report.records += len(current)
+        checkpoint = self.checkpoint(period)
+        if checkpoint is None:
+            report.unsealed.append(period)
+            for tenant, generation, _ in current:
+                if (tenant, generation) in problems:
+                    report.findings.append(f"{period}: generation {tenant}/{generation}: "
+                                           + "; ".join(problems[(tenant, generation)]))
+            return
+        report.sealed.append(period)
+        # The signed text is the truth; a key found only in the ledger proves little (whoever
+        # can rewrite the ledger can re-sign with a key of their own), and the notes say so.
+        keys = list(public_keys) if public_keys else []
+        if not keys:
+            try:
+                keys = [transparency.load_public_key_pem(checkpoint.public_key)]
+            except ValueError:
+                pass
+            if not any("not checked against a key" in n for n in report.notes):
+                report.notes.append("checkpoint signatures not checked against a key of your own (none given): only "
+                                    "against the key the ledger names; pass --public-key to check them")
+        try:
+            signed = transparency.check_checkpoint(checkpoint.text, checkpoint.signature, keys)
+        except transparency.ProofError as exc:
+            report.findings.append(f"{period}: checkpoint: {exc}")
+            signed = checkpoint.document
+        rows = self._query("SELECT leaf_index, tenant_id, generation_id, leaf_hash FROM ledger_sealed_leaves "
+                           "WHERE period = ? ORDER BY leaf_index", (period,), "reading sealed leaves")
+        sealed = [(tenant, generation, leaf) for _, tenant, generation, leaf in rows]
+        before = len(report.findings)
+        missing = sorted(set(range(max((r[0] for r in rows), default=-1) + 1)) - {r[0] for r in rows})
+        if missing:
+            report.findings.append(f"{period}: sealed leaf row(s) {', '.join(map(str, missing[:10]))} were deleted "
+                                   "after sealing")
+        try:
+            sealed_root = transparency.merkle_root([bytes.fromhex(h) for _, _, h in sealed]).hex()
+        except ValueError:
+            sealed_root = ""
+        if sealed_root != signed.get("root_hash") or len(sealed) != signed.get("tree_size"):
+            report.findings.append(f"{period}: the sealed leaf list ({len(sealed)} leaves) no longer gives the signed "
+                                   f"root of {signed.get('tree_size')} leaves: it was changed after sealing")
+        for finding in _differences(sealed, current, problems):
+            report.findings.append(f"{period}: {finding}")
+        if len(report.findings) == before:
+            root = transparency.merkle_root([bytes.fromhex(h) for _, _, h in current])
+            if root.hex() != signed.get("root_hash"):  # not reached unless the checks above missed something
+                report.findings.append(f"{period}: the records no longer give the signed root")
+
+    # -- proving --------------------------------------------------------------------------------
+    def prove(self, generation_id: str, tenant_id: str | None = None) -> dict[str, Any]:
+        """An inclusion proof of a generation in its sealed month (transparency.make_proof);
+        GMVError when its month is not sealed or it differs from what was sealed."""
+        record = self.get(generation_id, tenant_id)
+        if record is None:
+            raise GMVError(f"no generation '{generation_id}'" + (f" of tenant '{tenant_id}'" if tenant_id else "")
+                           + " in the ledger")
+        period = transparency.period_of(record.recorded_at)
+        checkpoint = self.checkpoint(period)
+        if checkpoint is None:
+            raise GMVError(f"generation '{generation_id}' was recorded in {period}, which is not sealed yet "
+                           f"(gmv ledger seal --month {period})")
+        sealed = self.sealed_leaves(period)
+        hashes = [bytes.fromhex(h) for _, _, h in sealed]
+        index = next((i for i, (t, g, _) in enumerate(sealed) if (t, g) == (record.tenant_id, generation_id)), None)
+        if index is None:
+            raise GMVError(f"generation {record.tenant_id}/{generation_id} is not among the sealed leaves of {period}: "
+                           "it was inserted after sealing (run `gmv ledger verify`)")
+        if transparency.record_leaf_hash(record) != sealed[index][2]:
+            raise GMVError(f"generation {record.tenant_id}/{generation_id} changed since {period} was sealed "
+                           "(run `gmv ledger verify`)")
+        if transparency.merkle_root(hashes).hex() != checkpoint.document.get("root_hash"):
+            raise GMVError(f"the sealed leaves of {period} no longer give its signed root (run `gmv ledger verify`)")
+        return transparency.make_proof(record, index, hashes, checkpoint.text, checkpoint.signature)
+
+
+NO_LEAF_HASH = "it has no leaf hash (it was not recorded by GMV)"
+LEAF_MISMATCH = "its content no longer matches the leaf hash stored with it (changed after it was recorded)"
+
+
+def _differences(sealed: list[tuple[str, str, str]], current: list[tuple[str, str, str]],
+                 problems: dict[tuple[str, str], list[str]]) -> list[str]:
+    """The records of a sealed month that differ between the sealed leaves and the records
+    now, in leaf order: removed, inserted, changed (with what else is wrong with them)."""
+    sealed_at = {(t, g): i for i, (t, g, _) in enumerate(sealed)}
+    current_at = {(t, g): i for i, (t, g, _) in enumerate(current)}
+    findings, done = [], set()
+
+    def name(key) -> str:
+        return f"generation {key[0]}/{key[1]}"
+
+    def extra(key) -> str:
+        return "".join(f"; {reason}" for reason in problems.get(key, ()))
+
+    def as_sealed(key) -> str:
+        # The content still hashes to the sealed leaf, so what changed is the stored hash.
+        return "; ".join("the leaf hash stored with it was changed (its content is as sealed)" if r == LEAF_MISMATCH
+                         else r for r in problems[key])
+
+    i = j = 0
+    while i < len(sealed) or j < len(current):
+        if i < len(sealed) and (sealed[i][0], sealed[i][1]) in done:
+            i += 1
+            continue
+        if i < len(sealed) and j < len(current) and sealed[i][:2] == current[j][:2]:
+            key = sealed[i][:2]
+            if sealed[i][2] != current[j][2]:
+                findings.append(f"{name(key)} (leaf {i} of {len(sealed)}): changed since it was sealed{extra(key)}")
+            elif key in problems:
+                findings.append(f"{name(key)} (leaf {i} of {len(sealed)}): {as_sealed(key)}")
+            i, j = i + 1, j + 1
+        elif i < len(sealed) and sealed[i][:2] not in current_at:
+            findings.append(f"{name(sealed[i][:2])} (leaf {i} of {len(sealed)}): removed since it was sealed")
+            i += 1
+        elif j < len(current) and current[j][:2] not in sealed_at:
+            findings.append(f"{name(current[j][:2])}: inserted after the month was sealed (not among its "
+                            f"{len(sealed)} sealed leaves){extra(current[j][:2])}")
+            j += 1
+        else:  # both are elsewhere in the other list: the record at j moved (its time changed)
+            key = current[j][:2]
+            findings.append(f"{name(key)} (leaf {sealed_at[key]} of {len(sealed)}): changed since it was sealed "
+                            f"(its time moved it to position {j}){extra(key)}")
+            done.add(key)
+            j += 1
+    return findings
+
+
+class Ledger(KeysMixin, TransparencyMixin):
     """One connection, used under a lock (the server writes from worker threads). Open with
     `open_ledger(url)`."""
 
@@ -363,7 +792,10 @@ class Ledger(KeysMixin):
                 if version in applied:
                     continue
                 for statement in statements:
-                    self._execute(conn, statement)
+                    if callable(statement):  # a data migration in Python, same transaction
+                        statement(self, conn)
+                    else:
+                        self._execute(conn, statement)
                 self._execute(conn, "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
                               (version, description, time.time()))
             conn.execute("COMMIT")
@@ -411,18 +843,32 @@ class Ledger(KeysMixin):
         records = [r if r.recorded_at else _replace(r, recorded_at=now) for r in records]
         for record in records:
             check_record(record)
+        # Each record's leaf hash, from its own content alone: computed before the lock, so
+        # hashing never holds up another writer.
+        leaves = [_leaf_hash(record) for record in records]
+        # Only a record given an old time of its own can fall in a sealed month: sealing waits
+        # SEAL_GRACE_S after a month ends, and the ledger stamps records with the time now.
+        old = {transparency.period_of(r.recorded_at) for r in records if r.recorded_at < now - transparency.SEAL_GRACE_S}
+        refused: dict[tuple[str, str], GMVError] = {}
         with self._lock:
             conn = self._connection()
             try:
                 self._begin(conn)
+                sealed = self._sealed_among(conn, old) if old else set()
                 stored: dict[tuple[str, str], tuple[GenerationRecord, bool]] = {}
                 settings_written: set[str] = set()  # a batch's records mostly share their settings
-                for record in records:
+                for record, leaf in zip(records, leaves):
                     key = (record.tenant_id, record.generation_id)
-                    if key not in stored:
+                    if key not in stored and key not in refused:
                         earlier = self._get(conn, record.generation_id, record.tenant_id)
+                        if earlier is None and sealed and transparency.period_of(record.recorded_at) in sealed:
+                            refused[key] = GMVError(
+                                f"generation '{record.generation_id}' is dated {transparency.iso(record.recorded_at)}, "
+                                f"in {transparency.period_of(record.recorded_at)}, which is sealed: a sealed month "
+                                "takes no new records")
+                            continue
                         if earlier is None:
-                            self._insert(conn, record, settings_written)
+                            self._insert(conn, record, leaf, settings_written)
                         stored[key] = (earlier, False) if earlier else (record, True)
                 conn.execute("COMMIT")
             except Exception as exc:  # noqa: BLE001
@@ -443,6 +889,9 @@ class Ledger(KeysMixin):
                 return [self._outcome(records[0], self._earlier(records[0]))]
         outcomes = []
         for record in records:
+            if (record.tenant_id, record.generation_id) in refused:
+                outcomes.append(refused[(record.tenant_id, record.generation_id)])
+                continue
             first, new = stored[(record.tenant_id, record.generation_id)]
             # A second request for an id inside this same batch replays the first.
             earlier = None if new and first is record else first
@@ -476,11 +925,11 @@ class Ledger(KeysMixin):
                 "a generation_id must be unique per generated image")
         return earlier, False
 
-    def _insert(self, conn, record: GenerationRecord, settings_written: set[str]) -> None:
+    def _insert(self, conn, record: GenerationRecord, leaf_hash: str | None, settings_written: set[str]) -> None:
         self._execute(conn, "INSERT INTO generations (generation_id, recorded_at, tenant_id, collection, profile, "
-                            "settings_hash, image_sha256, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            "settings_hash, image_sha256, quality, leaf_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (record.generation_id, record.recorded_at, record.tenant_id, record.collection, record.profile,
-                       record.settings_hash, record.image_sha256, record.quality))
+                       record.settings_hash, record.image_sha256, record.quality, leaf_hash))
         statement = self._sql("INSERT INTO credits (tenant_id, generation_id, rank, training_id, contributor_id, "
                               "credit, distance) VALUES (?, ?, ?, ?, ?, ?, ?)")
         rows = [(record.tenant_id, record.generation_id, c.rank, c.training_id, c.contributor_id, c.credit, c.distance)
@@ -621,10 +1070,21 @@ CREDIT_COLUMNS = ("generation_id", "recorded_at", "tenant_id", "collection", "pr
 def check_record(record: GenerationRecord) -> None:
     if not record.generation_id:
         raise ValueError("a ledger record needs a generation_id")
+    if not math.isfinite(record.recorded_at):
+        raise ValueError(f"generation '{record.generation_id}': recorded_at must be a finite time")
     if [c.rank for c in record.credits] != list(range(1, len(record.credits) + 1)):
         raise ValueError(f"generation '{record.generation_id}': credit ranks must be 1..{len(record.credits)} in order")
     if not (0.0 <= record.quality <= 1.0) or any(not math.isfinite(c.credit) or c.credit < 0 for c in record.credits):
         raise ValueError(f"generation '{record.generation_id}': quality and credits must be finite and non-negative")
+
+
+def _leaf_hash(record: GenerationRecord) -> str | None:
+    """The record's leaf hash; None for a record whose fields are not of their types (a None
+    training id, say), which the database then refuses by its NOT NULL constraints."""
+    try:
+        return transparency.record_leaf_hash(record)
+    except (AttributeError, TypeError, struct.error):
+        return None
 
 
 def _replace(record: GenerationRecord, **changes) -> GenerationRecord:
