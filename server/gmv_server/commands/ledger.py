@@ -1,4 +1,6 @@
-"""`gmv ledger value|top|export`: data values and payouts from the royalty ledger.
+"""`gmv ledger value|top|export`: data values and payouts from the royalty ledger;
+`gmv ledger seal|verify|prove|check-proof|keygen|public-key`: the tamper-evident ledger
+(signed monthly Merkle checkpoints and inclusion proofs, docs/LEDGER.md).
 
 Reads the ledger directly (SQLite file or PostgreSQL URL); no Milvus and no server needed.
 Times are UTC. A window is [since, until); --month 2026-10 is that calendar month.
@@ -9,11 +11,15 @@ import argparse
 import csv
 import json
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gmv_engine.ledger import CREDIT_COLUMNS, Window, open_ledger
+from gmv_engine import transparency
+from gmv_engine.ledger import CREDIT_COLUMNS, AlreadySealedError, Window, open_ledger
 from gmv_engine.settings import add_config_flag, add_flags, from_args
+
+from .common import EXIT_OK, EXIT_PARTIAL
 
 
 FLOAT_COLUMNS = {"value", "share", "payout", "quality", "credit", "distance"}
@@ -43,6 +49,46 @@ def register(commands) -> None:
         parser.add_argument("--tenant", help="only this tenant's generations")
         if parser is not export:
             parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    register_transparency(sub)
+
+
+DEFAULT_KEY = "ledger-signing-key.pem"  # in the data directory
+
+
+def register_transparency(sub) -> None:
+    seal = sub.add_parser("seal", help="sign a finished month's Merkle root: a checkpoint of its records and totals")
+    seal.add_argument("--month", required=True, type=parse_period, help="the month to seal, e.g. 2026-10 (UTC)")
+    seal.add_argument("--key", help=f"Ed25519 private key (PEM); default DATA_DIR/{DEFAULT_KEY}, made on first use")
+    seal.add_argument("--out", help="also write the signed checkpoint to this JSON file (to publish it)")
+    verify = sub.add_parser("verify", help="recompute every record's hash and every sealed month's root; name "
+                                           "each record changed, removed or inserted (exit 1 if any)")
+    verify.add_argument("--month", type=parse_period, help="only this month (default: all)")
+    verify.add_argument("--public-key", action="append", default=[],
+                        help=f"public key (PEM) checkpoints must be signed with (repeatable); default the public "
+                             f"half of DATA_DIR/{DEFAULT_KEY} when there is one")
+    prove = sub.add_parser("prove", help="an inclusion proof of a generation in its sealed month, for a third party")
+    prove.add_argument("generation_id")
+    prove.add_argument("--tenant", help="the generation's tenant (when several tenants used the id)")
+    prove.add_argument("--out", help="write the proof to this JSON file (default: standard output)")
+    public = sub.add_parser("public-key", help="print the public key checkpoints are signed with (PEM)")
+    public.add_argument("--key", help=f"private key (PEM); default DATA_DIR/{DEFAULT_KEY}")
+    for parser in (seal, verify, prove, public):
+        add_config_flag(parser)
+        add_flags(parser, groups=("ledger",), names=("data_dir",))
+    keygen = sub.add_parser("keygen", help="make an Ed25519 signing key: FILE (private, mode 0600) and FILE.pub")
+    keygen.add_argument("--out", required=True, help="where to write the private key (never overwritten)")
+    check = sub.add_parser("check-proof", help="check an inclusion proof with the public key alone (no ledger needed)")
+    check.add_argument("proof", help="the JSON file `gmv ledger prove` wrote")
+    check.add_argument("--public-key", action="append", required=True,
+                       help="the ledger's public key (PEM), obtained independently of the proof (repeatable)")
+
+
+def parse_period(text: str) -> str:
+    try:
+        transparency.month_bounds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_time(text: str) -> float:
@@ -76,9 +122,14 @@ def window_of(args) -> Window:
 
 
 def run(args) -> int:
+    if args.ledger_command in ("keygen", "check-proof", "public-key"):
+        return run_keys(args)
     url = from_args(args).resolved_ledger_url()
     if "://" not in url and not Path(url).exists():
         raise ValueError(f"no ledger at {url}: run `gmv serve` first, or pass --ledger-url / --data-dir")
+    if args.ledger_command in ("seal", "verify", "prove"):
+        with open_ledger(url) as ledger:
+            return {"seal": run_seal, "verify": run_verify, "prove": run_prove}[args.ledger_command](args, ledger)
     window = window_of(args)
     with open_ledger(url) as ledger:
         if args.ledger_command == "value":
@@ -147,3 +198,102 @@ def export(ledger, window: Window, out: Path, by: str, pool: float | None) -> in
         pq.write_table(pa.table({c: pa.array([row[c] for row in rows], type=types[c]) for c in columns}), partial)
     os.replace(partial, out)
     return len(rows)
+
+
+# -- the tamper-evident ledger ------------------------------------------------------------------
+
+def default_key(args) -> Path:
+    return Path(from_args(args).data_dir) / DEFAULT_KEY
+
+
+def run_keys(args) -> int:
+    if args.ledger_command == "keygen":
+        key = transparency.generate_key_file(args.out)
+        print(f"wrote the private key {args.out} (mode 0600: keep it secret, and a copy of it safe) and its public key "
+              f"{transparency.public_path(args.out)} (publish it); key id {transparency.key_id(key.public_key())}")
+        return EXIT_OK
+    if args.ledger_command == "public-key":
+        path = Path(args.key) if args.key else default_key(args)
+        if not path.exists():
+            raise ValueError(f"no signing key at {path}: `gmv ledger seal` makes one on first use, or "
+                             "`gmv ledger keygen --out FILE`")
+        print(transparency.public_key_pem(transparency.load_public_key(path)), end="")
+        return EXIT_OK
+    try:
+        proof = json.loads(Path(args.proof).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the proof {args.proof}: {exc}") from None
+    keys = [transparency.load_public_key(path) for path in args.public_key]
+    try:
+        checked = transparency.check_proof(proof, keys)
+    except transparency.ProofError as exc:
+        print(f"the proof does NOT verify: {exc}")
+        return EXIT_PARTIAL
+    record, checkpoint = checked.record, checked.checkpoint
+    print(f"the proof verifies: generation {record['tenant_id']}/{record['generation_id']} "
+          f"(recorded {iso(record['recorded_at'])}, quality {record['quality']!r}, {len(record['credits'])} credits) "
+          f"is leaf {checked.leaf_index} of the {checkpoint['tree_size']} records of {checkpoint['period']}, "
+          f"root {checkpoint['root_hash']}, signed by key {checkpoint['key_id']} at {checkpoint['sealed_at']}")
+    for credit in record["credits"]:
+        print(f"  {credit['rank']:>3}  {credit['training_id']}  {credit['contributor_id']}  {credit['credit']!r}")
+    return EXIT_OK
+
+
+def run_seal(args, ledger) -> int:
+    path = Path(args.key) if args.key else default_key(args)
+    try:
+        ledger.check_sealable(args.month)  # before a key is made for it
+        if not path.exists() and not args.key:
+            # Made before anything is sealed, so a failed seal still leaves the key for the next try.
+            transparency.generate_key_file(path)
+            print(f"made the signing key {path} (mode 0600; keep a copy safe) and its public key "
+                  f"{transparency.public_path(path)}: publish it, third parties check proofs with it", file=sys.stderr)
+        checkpoint = ledger.seal(args.month, transparency.load_private_key(path))
+    except AlreadySealedError:
+        existing = ledger.checkpoint(args.month)
+        print(f"{args.month} is already sealed ({existing.tree_size} records, root {existing.root_hash}, key "
+              f"{existing.key_id}, at {iso(existing.sealed_at)}); a sealed month is never sealed again")
+        return EXIT_PARTIAL
+    document = checkpoint.document
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checkpoint": checkpoint.text, "signature": checkpoint.signature},
+                                             indent=2) + "\n")
+    print(f"sealed {args.month}: {checkpoint.tree_size} records, total credit {document['total_credit']!r}, "
+          f"root {checkpoint.root_hash}, signed by key {checkpoint.key_id}"
+          + (f"; checkpoint written to {args.out}" if args.out else ""))
+    return EXIT_OK
+
+
+def run_verify(args, ledger) -> int:
+    paths = [Path(p) for p in args.public_key]
+    if not paths:
+        default = default_key(args)
+        public = transparency.public_path(default)
+        paths = [public] if public.exists() else [default] if default.exists() else []
+    keys = [transparency.load_public_key(path) for path in paths]
+    report = ledger.verify(args.month, keys)
+    print(f"checked {report.records} records in {len(report.sealed) + len(report.unsealed)} months: "
+          f"{len(report.sealed)} sealed" + (f" ({', '.join(report.sealed)})" if report.sealed else "")
+          + f", {len(report.unsealed)} not sealed" + (f" ({', '.join(report.unsealed)})" if report.unsealed else ""))
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.ok:
+        print("OK: every record matches its hash and every sealed month its signed checkpoint")
+        return EXIT_OK
+    print(f"{len(report.findings)} problem(s), the first difference of each month first:")
+    for finding in report.findings:
+        print(f"  {finding}")
+    return EXIT_PARTIAL
+
+
+def run_prove(args, ledger) -> int:
+    proof = ledger.prove(args.generation_id, args.tenant)
+    text = json.dumps(proof, indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        record = proof["record"]
+        print(f"wrote the inclusion proof of generation {record['tenant_id']}/{record['generation_id']} "
+              f"(leaf {proof['leaf_index']} of {proof['tree_size']}) to {args.out}")
+    else:
+        print(text, end="")
+    return EXIT_OK
