@@ -78,7 +78,8 @@ def test_ingest_counts_inserts_per_contributor(index, tmp_path, offline_componen
     first = run([r for r in rows if r.training_id != "alice/2025/a3.png"])
     assert first.per_contributor == {"alice/2024": 2, "bob/2024": 1}
     assert sorted(b.where.rsplit("/", 1)[-1] for b in first.bad) == ["c1.png", "root.png"]
-    assert first.summary() == "5 rows: 3 inserted, 0 already present, 0 duplicate images skipped, 2 bad"
+    assert first.summary().startswith("5 rows: 3 inserted, 0 already present, 0 duplicate images skipped, 2 bad; "
+                                      "credit temperature T = ")
     # A rerun counts only this run's new inserts, not the rows already indexed.
     second = run(rows)
     assert second.per_contributor == {"alice/2025": 1}
