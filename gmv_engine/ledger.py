@@ -540,7 +540,7 @@ class TransparencyMixin:
         report = VerifyReport()
         since, until = transparency.month_bounds(period) if period else (None, None)
         if public_keys:
-            report.notes.append("checkpoint signatures checked against the given public key(s): "
+            report.notes.append("checkpoint signatures checked against public key(s) "
                                 + ", ".join(transparency.key_id(k) for k in public_keys))
         for month in self.periods(since, until):
             self._verify_month(month, public_keys, report)

@@ -276,7 +276,8 @@ def run_verify(args, ledger) -> int:
           f"{len(report.sealed)} sealed" + (f" ({', '.join(report.sealed)})" if report.sealed else "")
           + f", {len(report.unsealed)} not sealed" + (f" ({', '.join(report.unsealed)})" if report.unsealed else ""))
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {note}" + (f" (from {', '.join(map(str, paths))})" if note.startswith("checkpoint signatures "
+                                                                                             "checked") else ""))
     if report.ok:
         print("OK: every record matches its hash and every sealed month its signed checkpoint")
         return EXIT_OK
