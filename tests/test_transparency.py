@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import stat
 import subprocess
@@ -544,3 +545,30 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites_i
     before = out.read_bytes()
     assert "never overwritten" in gmv("keygen", "--out", str(out), check=2).stderr
     assert out.read_bytes() == before
+
+
+def test_a_third_party_checks_a_proof_with_transparency_py_alone(tmp_path, key):
+    """The checker is one file that imports nothing of GMV: copied into an empty folder, it
+    checks a proof with the public key and fails on a changed one."""
+    import shutil
+
+    with filled(str(tmp_path / "ledger.sqlite3")) as ledger:
+        ledger.seal(MONTH, key)
+        (tmp_path / "proof.json").write_text(json.dumps(ledger.prove("g1")))
+    third = tmp_path / "third-party"
+    third.mkdir()
+    shutil.copy(t.__file__, third / "transparency.py")
+    shutil.copy(t.public_path(tmp_path / "signing-key.pem"), third / "published.pub")
+    script = ("import json, sys\n"
+              "from transparency import ProofError, check_proof, load_public_key\n"
+              "proof = json.load(open(sys.argv[1]))\n"
+              "key = [load_public_key('published.pub')]\n"
+              "print(check_proof(proof, key).record['credits'][0]['credit'])\n"
+              "proof['record']['credits'][0]['credit'] = 0.75\n"
+              "try:\n    check_proof(proof, key)\nexcept ProofError as exc:\n    print('refused:', exc)\n"
+              "print(sorted(m for m in sys.modules if m.startswith('gmv')))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "proof.json")], cwd=third, capture_output=True,
+                         text=True, timeout=60, env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(third)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["0.5", "refused: the record does not hash to the proof's leaf_hash: the record "
+                                       "was changed", "[]"]
