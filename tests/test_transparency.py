@@ -402,7 +402,7 @@ def test_an_inclusion_proof_verifies_with_the_public_key_alone_and_fails_after_t
         lambda p: p["audit_path"].__setitem__(0, "00" + p["audit_path"][0][2:]))
     for index in (0, 3, 5):  # another index: another path shape (an error) or another root
         assert re.search("do not lead to the signed root|than the tree is deep",
-                         tampered(lambda p: p.update(leaf_index=index)))
+                         tampered(lambda p, i=index: p.update(leaf_index=i)))
     assert "shorter than the tree is deep" in tampered(lambda p: p["audit_path"].pop())
     assert "longer than the tree is deep" in tampered(lambda p: p["audit_path"].append("00" * 32))
     assert "signature does not verify" in tampered(
