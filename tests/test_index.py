@@ -7,7 +7,8 @@ import pytest
 from gmv_engine.datasets import read_heldout
 from gmv_engine.decode import load_image_file
 from gmv_engine.errors import CollectionNotFoundError, IncompatibleCollectionError
-from gmv_engine.milvus.index import IndexParams, default_nlist, default_pq_m, training_pk
+from gmv_engine.milvus.index import (CollectionInfo, IndexParams, TrainingRow, default_nlist, default_pq_m,
+                                     segment_rows, training_pk)
 from gmv_engine.ingest import read_manifest
 
 from helpers import make_info
@@ -118,6 +119,47 @@ def test_default_index_parameters():
     assert default_nlist(1617) == 41  # capped so k-means has ~39 points per list
     assert default_nlist(1_000_000) == 4000
     assert 768 % default_pq_m(768) == 0
+    # Each sealed segment is clustered alone, so nlist is sized for one segment's rows: the
+    # 29,512 rows Milvus 2.3.5 seals at 768-d (its own figure), not a million.
+    assert segment_rows(768) == 29512
+    assert IndexParams().resolve(1_000_000, 768).nlist == default_nlist(29512) == 687
+    assert IndexParams().resolve(20_000, 768).nlist == default_nlist(20_000) == 512
+    assert IndexParams(nlist=100).resolve(1_000_000, 768).nlist == 100
+
+
+@pytest.mark.e2e  # builds and waits for an index
+def test_right_after_finish_the_built_index_serves(index):
+    """finish() returns only once searches go through the built IVF_PQ index: right after it,
+    recall@10 at nprobe 1 is below recall at nprobe 32, as it is later. (It used to return
+    while the query node still served the rows as inserted, unindexed, for some 15 s: every
+    nprobe then gave the same results.)"""
+    rng = np.random.default_rng(7)
+    dim, rows, clusters = 64, 3000, 40
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32) * 3
+
+    def sample(n: int) -> np.ndarray:  # clustered, so that IVF's lists matter
+        return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+    vectors, queries = sample(rows), sample(100)
+    training = [TrainingRow(f"v{i}", "c", f"{i:064x}") for i in range(rows)]
+    pks = np.array([row.pk for row in training])
+    exact = np.argsort(((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1), axis=1)[:, :10]
+    name = "served_after_finish"
+    index.drop(name)
+    index.create(name, CollectionInfo("offline", "test", dim, "none", 0), IndexParams(nlist=64), rows)
+    for start in range(0, rows, 1000):
+        index.insert(name, training[start:start + 1000], vectors[start:start + 1000], np.zeros((1000, 0), np.float32))
+    state = index.finish(name, timeout_s=300)
+
+    def recall(nprobe: int) -> float:
+        found = index.search(name, queries, limit=10, nprobe=nprobe)
+        return float(np.mean([len(set(pks[e]) & {h.pk for h in f}) / 10 for e, f in zip(exact, found)]))
+
+    right_after = {nprobe: recall(nprobe) for nprobe in (1, 32)}
+    assert state["indexed_rows"] == rows and index.segments_not_served(name) == []
+    print(f"recall@10 right after finish(): nprobe 1 {right_after[1]:.3f}, nprobe 32 {right_after[32]:.3f}")
+    assert right_after[1] < right_after[32] - 0.03
+    index.drop(name)
 
 
 def test_lite_file_uri_says_it_cannot_build_ivf_pq(tmp_path):

@@ -397,10 +397,19 @@ def _loopback_template(etcd_config: Path) -> str:
     the previous run's sessions expire: about 20 s with Milvus' default of 30 s)."""
     import milvus
 
+    from .index import MIN_INDEXED_ROWS, SEAL_PROPORTION, SEGMENT_MAX_MB
+
     template = Path(milvus.__file__).parent / "data" / "config.yaml.template"
     lines = []
     for line in template.read_text(encoding="utf-8").splitlines():
-        if line.strip().startswith("ip: #"):
+        # The segment sizes GMV chooses nlist for (milvus/index.py), pinned rather than assumed.
+        if line.strip().startswith("maxSize: 512 # Maximum size of a segment in MB"):
+            line = f"    maxSize: {SEGMENT_MAX_MB} # MB; GMV sizes nlist for a sealed segment (milvus/index.py)"
+        elif line.strip().startswith("sealProportion:"):
+            line = f"    sealProportion: {SEAL_PROPORTION}"
+        elif line.strip().startswith("minSegmentNumRowsToEnableIndex:"):
+            line = f"    minSegmentNumRowsToEnableIndex: {MIN_INDEXED_ROWS}"
+        elif line.strip().startswith("ip: #"):
             line = "  ip: 127.0.0.1"
         elif line.strip().startswith("ttl: 30 # ttl value when session"):
             line = f"    ttl: {SESSION_TTL_S}"
@@ -414,6 +423,12 @@ def _loopback_template(etcd_config: Path) -> str:
             # A stopping node waits for the coordinators to move its segments elsewhere, but in a
             # standalone server they have stopped first: it waited out its 30 s timeout.
             lines.append("  gracefulStopTimeout: 1")
+        if line == "queryCoord:":
+            # Flushed segments join what the query node serves, and built indexes are loaded into
+            # served segments, on timers of 10 s by default: until then searches ignore nprobe
+            # (TrainingIndex.wait_served waits for it). Every second here: one local node.
+            lines.append("  UpdateNextTargetInterval: 1 # s")
+            lines.append("  checkIndexInterval: 1000 # ms")
     return "\n".join(lines)
 
 

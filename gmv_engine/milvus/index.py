@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -39,8 +40,24 @@ MAX_TRAINING_ID = 1024
 MAX_CONTRIBUTOR_ID = 256
 # Attribution reads rows that never change once written, so it reads with Bounded consistency
 # (Strong makes every search wait for a timestamp sync: ~200 ms a call on the embedded
-# Milvus). Ingest asks "is this row already in?" about its own recent writes: Strong.
+# Milvus). "Is this row already in?" about recent writes needs Strong; Bounded sees every write
+# older than Milvus' common.gracefulTime (5 s by default), which ingest uses for its lookups once
+# its run is older than BOUNDED_LOOKUPS_AFTER_S (its own writes it remembers itself).
 INGEST_CONSISTENCY = "Strong"
+BOUNDED_LOOKUPS_AFTER_S = 10.0
+# Milvus 2.3's segment sizes (dataCoord.segment.*, indexCoord.segment.*): written into the
+# embedded Milvus' milvus.yaml (milvus/embedded.py) and the defaults of any other 2.3 server. A
+# growing segment is sealed when Milvus' estimate of its size reaches SEGMENT_MAX_MB *
+# SEAL_PROPORTION; each sealed segment gets an IVF index of its own (so nlist is chosen for the
+# rows of one segment: segment_rows), except segments under MIN_INDEXED_ROWS rows, which are
+# searched brute force.
+SEGMENT_MAX_MB = 512
+SEAL_PROPORTION = 0.23
+MIN_INDEXED_ROWS = 1024
+FETCH_BYTES = 48 << 20  # re-rank features per query of fetch_features()
+FIRST_FETCH_ROWS = 512  # keys in a collection's first fetch, before its feature size is known
+LOOKUP_KEYS = 4096  # primary keys per `get` of existing()
+LOOKUP_HASHES = 4096  # hashes per `in` filter of existing_hashes() (a 270 KB filter: 35 ms on Milvus 2.3.5)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,180}$")
 
 # A MilvusException's `code` -> the error GMV raises; any other code is IndexUnavailableError.
@@ -65,6 +82,16 @@ def milvus_error_class(exc: BaseException) -> type[GMVError]:
     if isinstance(legacy, int):
         return LEGACY_ERROR_CODES.get(legacy, IndexUnavailableError)
     return IndexUnavailableError
+
+
+def _varint(value: int) -> bytes:
+    """A protobuf varint."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def training_pk(training_id: str) -> int:
@@ -112,12 +139,21 @@ class IndexParams:
     def resolve(self, rows: int, dim: int) -> "IndexParams":
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index type must be one of {INDEX_TYPES}, got '{self.index_type}'")
+        # Each sealed segment is clustered on its own: lists are filled by one segment's rows.
         return IndexParams(
-            nlist=self.nlist or default_nlist(rows),
+            nlist=self.nlist or default_nlist(min(rows, segment_rows(dim))),
             m=self.m or default_pq_m(dim),
             nbits=self.nbits,
             index_type=self.index_type,
         )
+
+
+def segment_rows(dim: int) -> int:
+    """Rows of a `dim`-d training collection in a segment when Milvus seals it: Milvus
+    estimates a row as its fields' sizes, each VARCHAR at min(max_length, 256) bytes and JSON at
+    512, plus 16 bytes of row id and timestamp (checked: 29,512 rows at 768-d on Milvus 2.3.5)."""
+    row = 8 + min(MAX_TRAINING_ID, 256) + min(MAX_CONTRIBUTOR_ID, 256) + 64 + 512 + 4 * dim + 16
+    return int(SEGMENT_MAX_MB * 2**20 * SEAL_PROPORTION) // row
 
 
 def default_nlist(rows: int) -> int:
@@ -174,6 +210,7 @@ class TrainingIndex:
         self.call_observer: Callable[[str, float, BaseException | None], None] | None = None
         self.lite = is_lite_uri(uri)
         self.embedded = None  # the EmbeddedMilvus this index was opened on, if any: gmv serve supervises it
+        self._feature_dims: dict[str, int] = {}  # collection -> its re-rank feature's size, as fetched
         if self.lite:
             try:
                 import milvus_lite  # noqa: F401
@@ -251,14 +288,16 @@ class TrainingIndex:
             raise IncompatibleCollectionError(f"collection '{name}' was not built by GMV (no GMV description)")
         return info
 
-    def create(self, name: str, info: CollectionInfo, params: IndexParams, expected_rows: int) -> None:
-        """Create both collections with their indexes, and load them. An existing collection
-        must have been built the same way. The IVF_PQ index is declared now (Milvus builds it
-        per sealed segment) with parameters resolved from the rows expected, because Milvus
-        2.3 only loads, and so only queries, an indexed collection."""
+    def create(self, name: str, info: CollectionInfo, params: IndexParams, expected_rows: int) -> bool:
+        """Create both collections with their indexes, and load them; True when they were made
+        now, False when they existed. An existing collection must have been built the same way.
+        The IVF_PQ index is declared now (Milvus builds it per sealed segment) with parameters
+        resolved from the rows expected, because Milvus 2.3 only loads, and so only queries, an
+        indexed collection."""
         from pymilvus import DataType, MilvusClient
 
         self.check_name(name)
+        self._feature_dims.pop(name, None)
         if self.exists(name):
             existing = self.info(name)
             if existing != info:
@@ -267,7 +306,7 @@ class TrainingIndex:
                     "Use another --collection name, or the same profile/encoder/re-ranker."
                 )
             self.load(name)
-            return
+            return False
         if info.feature_dim:
             features = MilvusClient.create_schema(auto_id=False, description=f"re-rank features of {name}")
             features.add_field("pk", DataType.INT64, is_primary=True)
@@ -275,8 +314,10 @@ class TrainingIndex:
             # Features are fetched by key, never searched: FLAT costs nothing to build.
             feature_index = self.client.prepare_index_params()
             feature_index.add_index(field_name="feature", index_type="FLAT", metric_type="L2")
+            # Created without index_params, which would load it (seconds): load() loads both at once.
             self._call("create collection", self.client.create_collection, name + FEATURES_SUFFIX,
-                       schema=features, index_params=feature_index, consistency_level="Bounded")
+                       schema=features, consistency_level="Bounded")
+            self._call("create index", self.client.create_index, name + FEATURES_SUFFIX, feature_index)
         schema = MilvusClient.create_schema(auto_id=False, description=info.to_json())
         schema.add_field("pk", DataType.INT64, is_primary=True)
         schema.add_field("training_id", DataType.VARCHAR, max_length=MAX_TRAINING_ID)
@@ -297,60 +338,120 @@ class TrainingIndex:
         index_params.add_index(field_name="embedding", index_type=index_type, metric_type=info.metric, params=build)
         # The main collection last: its existence is what marks the pair as created.
         self._call("create collection", self.client.create_collection, name, schema=schema,
-                   index_params=index_params, consistency_level="Bounded")
+                   consistency_level="Bounded")
+        self._call("create index", self.client.create_index, name, index_params)
         if self.lite:  # Milvus Lite keeps no collection description: the same JSON as a property
             self._call("alter collection", self.client.alter_collection_properties, name,
                        properties={INFO_PROPERTY: info.to_json()})
         self.load(name)
+        return True
 
     def drop(self, name: str) -> None:
+        self._feature_dims.pop(name, None)
         for collection in (name + FEATURES_SUFFIX, name + BLOCKED_SUFFIX, name):
             if self._call("list collections", self.client.has_collection, collection):
                 self._call("drop collection", self.client.drop_collection, collection)
 
     # -- ingest ---------------------------------------------------------------------------
-    def existing(self, name: str, training_ids: Sequence[str]) -> dict[str, str]:
-        """training_id -> content_hash for those already in the collection."""
-        if not training_ids:
-            return {}
-        rows = self._call(
-            "look up training ids", self.client.get, name,
-            ids=[training_pk(t) for t in training_ids], output_fields=["training_id", "content_hash"],
-            consistency_level=INGEST_CONSISTENCY,
-        )
-        return {row["training_id"]: row["content_hash"] for row in rows}
+    def existing(self, name: str, training_ids: Sequence[str], consistency: str = INGEST_CONSISTENCY) -> dict[str, str]:
+        """training_id -> content_hash for those already in the collection (any number of ids:
+        LOOKUP_KEYS a call)."""
+        found: dict[str, str] = {}
+        ids = sorted(set(training_ids))
+        for start in range(0, len(ids), LOOKUP_KEYS):
+            rows = self._call(
+                "look up training ids", self.client.get, name,
+                ids=[training_pk(t) for t in ids[start:start + LOOKUP_KEYS]],
+                output_fields=["training_id", "content_hash"], consistency_level=consistency,
+            )
+            found.update((row["training_id"], row["content_hash"]) for row in rows)
+        return found
 
-    def existing_hashes(self, name: str, content_hashes: Sequence[str]) -> dict[str, str]:
-        """content_hash -> training_id for images already in the collection (hex, so safe to quote)."""
+    def existing_hashes(self, name: str, content_hashes: Sequence[str],
+                        consistency: str = INGEST_CONSISTENCY) -> dict[str, str]:
+        """content_hash -> training_id for images already in the collection (hex, so safe to
+        quote; any number of hashes: LOOKUP_HASHES a call)."""
         hashes = sorted(set(content_hashes))
-        if not hashes:
-            return {}
         assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)
-        rows = self._call(
-            "look up content hashes", self.client.query, name,
-            filter=f"content_hash in {json.dumps(hashes)}", output_fields=["training_id", "content_hash"],
-            consistency_level=INGEST_CONSISTENCY,
-        )
-        return {row["content_hash"]: row["training_id"] for row in rows}
+        found: dict[str, str] = {}
+        for start in range(0, len(hashes), LOOKUP_HASHES):
+            rows = self._call(
+                "look up content hashes", self.client.query, name,
+                filter=f"content_hash in {json.dumps(hashes[start:start + LOOKUP_HASHES])}",
+                output_fields=["training_id", "content_hash"], consistency_level=consistency,
+            )
+            found.update((row["content_hash"], row["training_id"]) for row in rows)
+        return found
 
     def insert(self, name: str, rows: Sequence[TrainingRow], embeddings: np.ndarray, features: np.ndarray) -> None:
         """Insert one batch. Features go first: a main row is only ever visible with its feature."""
         if not rows:
             return
-        pks = [row.pk for row in rows]
-        if features.shape[1]:
-            self._call("insert re-rank features", self.client.upsert, name + FEATURES_SUFFIX,
-                       [{"pk": pk, "feature": vector} for pk, vector in zip(pks, features.astype(np.float32).tolist())])
+        self.insert_features(name, [row.pk for row in rows], features)
+        self.insert_rows(name, rows, embeddings)
+
+    def insert_features(self, name: str, pks: Sequence[int], features: np.ndarray) -> None:
+        """Store (or replace: a run cut off between the two inserts may have left them) the
+        re-rank features of these keys. Call before insert_rows() for the same rows."""
+        if not len(pks) or not features.shape[1]:
+            return
+        stub = self._grpc_stub()
+        if stub is not None:
+            self._call("insert re-rank features", self._upsert_vectors, stub, name + FEATURES_SUFFIX, "feature",
+                       list(pks), features)
+            return
+        self._call("insert re-rank features", self.client.upsert, name + FEATURES_SUFFIX,
+                   [{"pk": pk, "feature": vector} for pk, vector in zip(pks, features.astype(np.float32).tolist())])
+
+    def _grpc_stub(self):
+        """pymilvus' stub of Milvus' gRPC service (pymilvus 2.4 to 3.x), or None: Milvus Lite, a
+        URI naming a database (the stub would write to the default one), or a pymilvus laid out
+        otherwise (then the caller uses MilvusClient's API)."""
+        from urllib.parse import urlparse
+
+        if self.lite or urlparse(self.uri).path.strip("/"):
+            return None
+        try:
+            stub = self.client._get_connection()._stub
+        except Exception:  # noqa: BLE001 - any layout but the known one: use the public API
+            return None
+        return stub if hasattr(stub, "Upsert") else None
+
+    def _upsert_vectors(self, stub, collection: str, field: str, pks: list[int], vectors: np.ndarray) -> None:
+        """Upsert (pk, vector) rows with one request built from the arrays, the vectors as their
+        raw little-endian floats. pymilvus' row API turns each float into a Python object and
+        back (~0.1 ms of held GIL per 3,072-float row: a fifth of ingest's time on 2 cores).
+        The request is Milvus' public UpsertRequest, sent through the client's own stub, so
+        the same channel, credentials and TLS."""
+        from pymilvus.exceptions import MilvusException
+        from pymilvus.grpc_gen import milvus_pb2, schema_pb2
+
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        request = milvus_pb2.UpsertRequest(collection_name=collection, num_rows=len(pks))
+        keys = request.fields_data.add(field_name="pk", type=schema_pb2.DataType.Int64)
+        keys.scalars.long_data.data.extend(pks)
+        column = request.fields_data.add(field_name=field, type=schema_pb2.DataType.FloatVector)
+        column.vectors.dim = vectors.shape[1]
+        raw = vectors.tobytes()
+        column.vectors.float_vector.MergeFromString(b"\x0a" + _varint(len(raw)) + raw)  # FloatArray.data, packed
+        status = stub.Upsert(request, timeout=self.timeout_s).status
+        if status.code or status.error_code:
+            raise MilvusException(code=status.code, message=status.reason, compatible_code=status.error_code)
+
+    def insert_rows(self, name: str, rows: Sequence[TrainingRow], embeddings: np.ndarray) -> None:
+        """Insert training rows (their features stored already: insert_features)."""
+        if not rows:
+            return
         data = [
             {
-                "pk": pk,
+                "pk": row.pk,
                 "training_id": row.training_id,
                 "contributor_id": row.contributor_id,
                 "content_hash": row.content_hash,
                 "metadata": row.metadata,
                 "embedding": vector,
             }
-            for pk, row, vector in zip(pks, rows, embeddings.astype(np.float32).tolist())
+            for row, vector in zip(rows, embeddings.astype(np.float32).tolist())
         ]
         self._call("insert training rows", self.client.insert, name, data)
 
@@ -365,17 +466,58 @@ class TrainingIndex:
 
     def finish(self, name: str, timeout_s: float = 1800.0, progress=None) -> dict:
         """Flush (seal) what was inserted, wait until Milvus has indexed every row, then until
-        Bounded reads (what attribution uses) see every row: for a few seconds after a write
-        they may not, and a search or feature fetch then would silently miss new rows."""
+        searches are served by that index (wait_served), then until Bounded reads (what
+        attribution uses) see every row: for a few seconds after a write they may not, and a
+        search or feature fetch then would silently miss new rows."""
+        deadline = time.monotonic() + timeout_s
         self._call("flush", self.client.flush, name)
         names = [name] + ([name + FEATURES_SUFFIX] if self.info(name).feature_dim else [])
         for collection in names[1:]:
             self._call("flush", self.client.flush, collection)
         state = self.wait_for_index(name, timeout_s, progress)
         self.load(name)
+        self.wait_served(name, timeout_s=max(1.0, deadline - time.monotonic()))
         for collection in names:
             self.wait_visible(collection, timeout_s=60.0)
         return state
+
+    def wait_served(self, name: str, timeout_s: float) -> None:
+        """Wait until every sealed segment that Milvus indexes is loaded with its index.
+
+        An index that is built is not yet one that serves: the query node keeps serving a
+        segment as it was loaded (growing rows, or sealed rows without their index, searched
+        brute force or through Milvus' interim index, whatever nprobe asks) until the query
+        coordinator hands the indexed segment over, which Milvus 2.3 does on timers of 10 s
+        (the embedded Milvus' are set to about a second: milvus/embedded.py). Segments under
+        MIN_INDEXED_ROWS rows are never indexed and are searched exactly however they are served."""
+        if self.lite or (self.index_state(name)["index_type"] or "FLAT") == "FLAT":
+            return  # Lite has no query nodes to hand over; FLAT is exact search however it is served
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lagging = self.segments_not_served(name)
+            if not lagging:
+                return
+            if time.monotonic() > deadline:
+                raise IndexUnavailableError(f"the index of '{name}' was built but does not yet serve searches after "
+                                            f"{timeout_s:.0f} s: {lagging}")
+            time.sleep(0.25)
+
+    def segments_not_served(self, name: str) -> list[str]:
+        """What still keeps the built index from serving: each persisted segment of at least
+        MIN_INDEXED_ROWS rows that the query nodes have not loaded, or loaded without an index."""
+        persisted = self._call("list segments", self.client.list_persistent_segments, name)
+        loaded = {segment.segment_id: segment
+                  for segment in self._call("list loaded segments", self.client.list_loaded_segments, name)}
+        lagging = []
+        for segment in persisted:
+            if segment.num_rows < MIN_INDEXED_ROWS:
+                continue
+            served = loaded.get(segment.segment_id)
+            if served is None:
+                lagging.append(f"segment {segment.segment_id} ({segment.num_rows} rows) not loaded yet")
+            elif not served.index_id:
+                lagging.append(f"segment {segment.segment_id} ({segment.num_rows} rows) loaded without its index")
+        return lagging
 
     def wait_visible(self, name: str, timeout_s: float) -> None:
         """Wait until a Bounded-consistency count sees every row a Strong one does (loaded collection)."""
@@ -404,7 +546,7 @@ class TrainingIndex:
                 raise IndexUnavailableError(f"Milvus failed to build the index of '{name}': {state}")
             if time.monotonic() > deadline:
                 raise IndexUnavailableError(f"the index of '{name}' was not built within {timeout_s:.0f} s: {state}")
-            time.sleep(1.0)
+            time.sleep(0.5)
 
     def index_state(self, name: str) -> dict:
         described = self._call("describe index", self.client.describe_index, name, "embedding")
@@ -423,9 +565,13 @@ class TrainingIndex:
         }
 
     def load(self, name: str) -> None:
-        self._call("load collection", self.client.load_collection, name)
-        if self.info(name).feature_dim:
-            self._call("load collection", self.client.load_collection, name + FEATURES_SUFFIX)
+        """Load the collection and its re-rank features, both at once (a new collection takes
+        seconds to load; one loaded already, milliseconds)."""
+        names = [name] + ([name + FEATURES_SUFFIX] if self.info(name).feature_dim else [])
+        with ThreadPoolExecutor(len(names), thread_name_prefix="gmv-load") as pool:
+            loads = [pool.submit(self._call, "load collection", self.client.load_collection, each) for each in names]
+            for done in loads:
+                done.result()
 
     # -- query ----------------------------------------------------------------------------
     def search(self, name: str, vectors: np.ndarray, limit: int, nprobe: int) -> list[list[Hit]]:
@@ -481,9 +627,21 @@ class TrainingIndex:
                    properties={CALIBRATION_PROPERTY: json.dumps(stored, sort_keys=True)})
 
     def fetch_features(self, name: str, pks: Iterable[int]) -> dict[int, np.ndarray]:
+        """{pk: feature} of those keys, in queries of up to FETCH_BYTES of features each (Milvus
+        refuses a query whose result passes quotaAndLimits.limits.maxOutputSize, 100 MB by
+        default: a calibration fetches some 20,000 features). A collection's first fetch asks
+        for FIRST_FETCH_ROWS keys, which tells its feature size."""
         pks = sorted(set(pks))
-        if not pks:
-            return {}
-        rows = self._call(f"fetch re-rank features of '{name}'", self.client.query, name + FEATURES_SUFFIX,
-                          filter=f"pk in {pks}", output_fields=["feature"])
-        return {int(row["pk"]): np.asarray(row["feature"], dtype=np.float32) for row in rows}
+        found: dict[int, np.ndarray] = {}
+        start = 0
+        while start < len(pks):
+            dim = self._feature_dims.get(name)
+            page = max(1, FETCH_BYTES // (4 * dim)) if dim else FIRST_FETCH_ROWS
+            chunk = pks[start:start + page]
+            rows = self._call(f"fetch re-rank features of '{name}'", self.client.query, name + FEATURES_SUFFIX,
+                              filter=f"pk in {chunk}", output_fields=["feature"])
+            for row in rows:
+                found[int(row["pk"])] = feature = np.asarray(row["feature"], dtype=np.float32)
+                self._feature_dims[name] = max(1, feature.shape[0])
+            start += len(chunk)
+        return found
