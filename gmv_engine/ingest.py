@@ -4,19 +4,25 @@ Resumable (a training_id already in the collection with the same content is skip
 deduplicating (an image whose exact bytes are already indexed is skipped and counted).
 A row that cannot be used (missing or corrupt file, a training_id that already stands for
 other content) is reported with its line number and never inserted; the good rows of the
-same run are. Rows are inserted in batches after every row of the batch has been embedded,
-so a failure leaves whole rows or nothing.
+same run are. Each row is inserted whole (its re-rank feature, then its training row) once it
+has been embedded, so a failure leaves whole rows or nothing; the rows inserted before it stay,
+and a rerun resumes after them. Images of contributors who were removed from the collection
+are refused. At the end the index is built and served, and the credit temperature measured.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import logging
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 from PIL import Image
 
 from .calibration import Calibration, calibrate
@@ -24,7 +30,8 @@ from .settings import DEFAULTS
 from .decode import DEFAULT_LIMITS, ImageLimits, load_image_file
 from .encoders import Encoder
 from .errors import InvalidImageError, ManifestError
-from .milvus.index import MAX_CONTRIBUTOR_ID, MAX_TRAINING_ID, CollectionInfo, IndexParams, TrainingIndex, TrainingRow
+from .milvus.index import (BLOCKED_SUFFIX, BOUNDED_LOOKUPS_AFTER_S, INGEST_CONSISTENCY, MAX_CONTRIBUTOR_ID,
+                           MAX_TRAINING_ID, CollectionInfo, IndexParams, TrainingIndex, TrainingRow)
 from .rerankers import Reranker
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,15 @@ class IngestReport:
     index_state: dict = field(default_factory=dict)
     per_contributor: dict[str, int] = field(default_factory=dict)  # contributor_id -> rows inserted this run
     calibration: Calibration | None = None  # the collection's credit temperature, measured after this run
+    # Wall time of each phase: "rows" (read, check, embed, insert), "index" (flush, build, until
+    # the index serves), "calibration".
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timing(self) -> str:
+        rows, build, calibration = (self.seconds.get(k, 0.0) for k in ("rows", "index", "calibration"))
+        rate = f" ({self.rows / rows:.0f} rows/s)" if rows > 0 else ""
+        return (f"rows read, embedded and inserted in {rows:.1f} s{rate}; index built and serving in {build:.1f} s; "
+                f"credit temperature measured in {calibration:.1f} s")
 
     def summary(self) -> str:
         return (
@@ -145,9 +161,152 @@ def _row_problem(row: SourceRow) -> str | None:
     return None
 
 
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+# How the work is cut up (measured in docs/BENCHMARKS.md, "Ingest throughput"):
+INSERT_BYTES = 16 << 20  # vectors per insert call: thousands of small rows, well under Milvus' 64 MiB per message
+LOOKUP_ROWS = 4096  # rows checked against Milvus at once when it may hold some (a resumed run, a blocklist)
+LOAD_GROUP = 16  # rows read, hashed and decoded per task of the thread pool
+AHEAD_BYTES = 128 << 20  # decoded pixels the pool may hold ahead of embedding
+INSERTS_IN_FLIGHT = 2  # insert calls queued behind embedding before it waits
+
+
+def default_workers() -> int:
+    """Threads that read, hash and decode: PIL and hashlib release the GIL while they work."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+@dataclass
+class _Loaded:
+    row: SourceRow
+    image: Image.Image | None = None
+    digest: str = ""
+    problem: str | None = None  # why the row cannot be used (then no image)
+
+    @property
+    def pixel_bytes(self) -> int:
+        return self.image.width * self.image.height * 3 if self.image is not None else 0
+
+
+def _load(rows: Sequence[SourceRow], limits: ImageLimits) -> list[_Loaded]:
+    out = []
+    for row in rows:
+        problem = _row_problem(row)
+        if problem:
+            out.append(_Loaded(row, problem=problem))
+            continue
+        try:
+            image, data = load_image_file(row.path, limits)
+        except InvalidImageError as exc:
+            out.append(_Loaded(row, problem=str(exc)))
+            continue
+        out.append(_Loaded(row, image, hashlib.sha256(data).hexdigest()))
+    return out
+
+
+class _Loader:
+    """Every row read, hashed and decoded by the pool, in manifest order. The pool works ahead
+    of the consumer by up to `ahead_rows` rows and AHEAD_BYTES of decoded pixels (as estimated
+    from the rows decoded so far), so embedding and decoding overlap with bounded memory;
+    fill() starts it before the first row is wanted."""
+
+    def __init__(self, rows: Sequence[SourceRow], limits: ImageLimits, pool: ThreadPoolExecutor, ahead_rows: int):
+        self.limits, self.pool, self.ahead_rows = limits, pool, max(ahead_rows, LOAD_GROUP)
+        self.groups = (rows[start:start + LOAD_GROUP] for start in range(0, len(rows), LOAD_GROUP))
+        self.pending: deque = deque()
+        self.decoded_rows = self.decoded_bytes = 0
+
+    def fill(self) -> None:
+        per_row = self.decoded_bytes / self.decoded_rows if self.decoded_rows else 0
+        while len(self.pending) * LOAD_GROUP < self.ahead_rows and len(self.pending) * LOAD_GROUP * per_row < AHEAD_BYTES:
+            group = next(self.groups, None)
+            if group is None:
+                return
+            self.pending.append(self.pool.submit(_load, group, self.limits))
+
+    def __iter__(self) -> Iterator[_Loaded]:
+        while True:
+            self.fill()
+            if not self.pending:
+                return
+            for loaded in self.pending.popleft().result():
+                self.decoded_rows += 1
+                self.decoded_bytes += loaded.pixel_bytes
+                yield loaded
+
+
+def _chunks(stream: Iterable[_Loaded], rows: int) -> Iterator[list[_Loaded]]:
+    """Up to `rows` loaded rows at a time, fewer where their pixels pass AHEAD_BYTES."""
+    chunk: list[_Loaded] = []
+    size = 0
+    for loaded in stream:
+        chunk.append(loaded)
+        size += loaded.pixel_bytes
+        if len(chunk) >= rows or size >= AHEAD_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Inserter:
+    """Inserts on threads of their own while the caller embeds the next rows, in calls of about
+    INSERT_BYTES: one thread stores re-rank features, the other the training rows whose
+    features are stored (so Milvus works on the features of one call and the rows of the one
+    before at once). A failed insert is raised by the next add() or by close()."""
+
+    def __init__(self, index: TrainingIndex, collection: str, report: IngestReport, bar):
+        self.index, self.collection, self.report, self.bar = index, collection, report, bar
+        self.features_pool = ThreadPoolExecutor(1, thread_name_prefix="gmv-insert-features")
+        self.rows_pool = ThreadPoolExecutor(1, thread_name_prefix="gmv-insert-rows")
+        self.in_flight: deque = deque()
+        self.rows: list[TrainingRow] = []
+        self.embeddings: list[np.ndarray] = []
+        self.features: list[np.ndarray] = []
+        self.bytes = 0
+
+    def add(self, rows: list[TrainingRow], embeddings: np.ndarray, features: np.ndarray) -> None:
+        self.rows += rows
+        self.embeddings.append(embeddings)
+        self.features.append(features)
+        self.bytes += embeddings.nbytes + features.nbytes
+        if self.bytes >= INSERT_BYTES:
+            self.send()
+
+    def send(self) -> None:
+        if not self.rows:
+            return
+        while len(self.in_flight) >= INSERTS_IN_FLIGHT:
+            self._collect(self.in_flight.popleft())
+        rows, embeddings, features = self.rows, np.concatenate(self.embeddings), np.concatenate(self.features)
+        self.rows, self.embeddings, self.features, self.bytes = [], [], [], 0
+        stored = self.features_pool.submit(self.index.insert_features, self.collection, [row.pk for row in rows],
+                                           features)
+
+        def insert_rows() -> None:
+            stored.result()  # a row goes in only once its feature is in
+            self.index.insert_rows(self.collection, rows, embeddings)
+
+        self.in_flight.append((self.rows_pool.submit(insert_rows), rows))
+
+    def _collect(self, entry) -> None:
+        future, rows = entry
+        future.result()
+        self.report.inserted += len(rows)
+        for row in rows:
+            self.report.per_contributor[row.contributor_id] = self.report.per_contributor.get(row.contributor_id, 0) + 1
+        self.bar.set_postfix(inserted=self.report.inserted, refresh=False)
+
+    def close(self) -> None:
+        """Send what is buffered and wait for every insert."""
+        try:
+            self.send()
+            while self.in_flight:
+                self._collect(self.in_flight.popleft())
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for pool in (self.features_pool, self.rows_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ingest(
@@ -162,76 +321,116 @@ def ingest(
     limits: ImageLimits = DEFAULT_LIMITS,
     progress: bool = True,
     index_timeout_s: float = 1800.0,
+    workers: int | None = None,
 ) -> IngestReport:
+    """Ingest `rows` (see the module). A pipeline: a thread pool reads, hashes and decodes
+    ahead; this thread checks each row and embeds `batch_size` images at a time; another
+    thread inserts the vectors in large calls. Milvus is asked about duplicates and blocked
+    images only when it may hold some (a collection with rows, or with a blocklist), and then
+    LOOKUP_ROWS rows at a time; within a run dictionaries find them."""
+    report = IngestReport(rows=len(rows))
+    pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="gmv-decode")
+    loader = _Loader(rows, limits, pool, ahead_rows=max(LOOKUP_ROWS, 4 * batch_size))
+    loader.fill()  # decoding starts while Milvus creates and loads the collection (seconds)
+    try:
+        return _ingest(index, collection, rows, info, encoder, reranker, index_params, batch_size, progress,
+                       index_timeout_s, loader, report)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ingest(index: TrainingIndex, collection: str, rows: Sequence[SourceRow], info: CollectionInfo, encoder: Encoder,
+            reranker: Reranker, index_params: IndexParams, batch_size: int, progress: bool, index_timeout_s: float,
+            loader: _Loader, report: IngestReport) -> IngestReport:
     from tqdm import tqdm
 
     from .milvus.erasure import blocked_hashes, removals
 
-    report = IngestReport(rows=len(rows))
-    index.create(collection, info, index_params, expected_rows=len(rows))
+    started = time.monotonic()
+    created = index.create(collection, info, index_params, expected_rows=len(rows))
     removed = removals(index, collection).contributors  # opted out: nothing of theirs goes back in
+    # A new or empty collection holds no row to resume or duplicate; one without a blocklist
+    # blocks nothing: then no row needs a Milvus lookup (the blocklist is made only by a removal).
+    resuming = not created and index.count(collection) > 0
+    blocklist = index.exists(collection + BLOCKED_SUFFIX)
+    chunk_rows = LOOKUP_ROWS if resuming or blocklist else max(1, batch_size)
     seen_ids: dict[str, str] = {}  # training_id -> content hash, earlier in this run
     seen_hashes: dict[str, str] = {}  # content hash -> training_id, earlier in this run
-    bar = tqdm(total=len(rows), unit="img", desc=f"indexing {collection}", disable=not progress)
-    for batch in _batches(rows, batch_size):
-        loaded: list[tuple[SourceRow, Image.Image, str]] = []
-        for row in batch:
-            problem = _row_problem(row)
-            if problem:
-                report.bad.append(BadRow(row.where, row.training_id, problem))
-                continue
-            try:
-                image, data = load_image_file(row.path, limits)
-            except InvalidImageError as exc:
-                report.bad.append(BadRow(row.where, row.training_id, str(exc)))
-                continue
-            loaded.append((row, image, hashlib.sha256(data).hexdigest()))
-        refused = blocked_hashes(index, collection, [digest for _, _, digest in loaded])
-        kept = []
-        for row, image, digest in loaded:
-            owner = refused.get(digest) or (row.contributor_id if row.contributor_id in removed else None)
-            if owner is None:
-                kept.append((row, image, digest))
-                continue
-            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(removed[owner].removed_at)) if owner in removed else "?"
-            report.bad.append(BadRow(row.where, row.training_id, f"refused: contributor '{owner}' was removed from "
-                                                                 f"'{collection}' (opted out, {when})"))
-            report.refused += 1
-        loaded = kept
-        in_index = index.existing(collection, [row.training_id for row, _, _ in loaded])
-        hashes_in_index = index.existing_hashes(collection, [digest for _, _, digest in loaded])
-        to_insert: list[tuple[SourceRow, Image.Image, str]] = []
-        for row, image, digest in loaded:
-            known = in_index.get(row.training_id, seen_ids.get(row.training_id))
-            if known is not None:
-                if known == digest:
-                    report.already_present += 1
-                else:
-                    report.bad.append(BadRow(row.where, row.training_id,
-                                             f"training_id '{row.training_id}' is already indexed with different image content"))
-                continue
-            owner = hashes_in_index.get(digest) or seen_hashes.get(digest)
-            if owner is not None:
-                report.duplicates += 1
-                log.info("%s: %s is the same image as %s; skipped", row.where, row.training_id, owner)
-                continue
-            seen_ids[row.training_id] = digest
-            seen_hashes[digest] = row.training_id
-            to_insert.append((row, image, digest))
-        if to_insert:
-            images = [image for _, image, _ in to_insert]
-            embeddings = encoder.embed(images)
-            features = reranker.features(images)
-            index.insert(collection, [
-                TrainingRow(row.training_id, row.contributor_id, digest, row.metadata) for row, _, digest in to_insert
-            ], embeddings, features)
-            report.inserted += len(to_insert)
-            for row, _, _ in to_insert:
-                report.per_contributor[row.contributor_id] = report.per_contributor.get(row.contributor_id, 0) + 1
-        bar.update(len(batch))
-    bar.close()
-    report.index_state = index.finish(collection, timeout_s=index_timeout_s)
+    bar = tqdm(total=len(rows), unit="rows", desc=f"indexing {collection}", disable=not progress, smoothing=0.1)
+    inserter = _Inserter(index, collection, report, bar)
+    try:
+        for chunk in _chunks(loader, chunk_rows):
+            good = [item for item in chunk if item.problem is None]
+            digests = [item.digest for item in good]
+            refused = blocked_hashes(index, collection, digests) if blocklist else {}
+            # Rows of earlier runs were all written before this run began: once that is longer
+            # ago than Milvus' grace time, a Bounded read sees them (~10 ms a call, not ~200).
+            consistency = "Bounded" if time.monotonic() - started > BOUNDED_LOOKUPS_AFTER_S else INGEST_CONSISTENCY
+            in_index = (index.existing(collection, [item.row.training_id for item in good], consistency)
+                        if resuming else {})
+            hashes_in_index = index.existing_hashes(collection, digests, consistency) if resuming else {}
+            to_embed: list[_Loaded] = []
+            for item in chunk:
+                row, digest = item.row, item.digest
+                if item.problem is not None:
+                    report.bad.append(BadRow(row.where, row.training_id, item.problem))
+                    continue
+                owner = refused.get(digest) or (row.contributor_id if row.contributor_id in removed else None)
+                if owner is not None:
+                    when = (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(removed[owner].removed_at))
+                            if owner in removed else "?")
+                    report.bad.append(BadRow(row.where, row.training_id, f"refused: contributor '{owner}' was removed "
+                                                                         f"from '{collection}' (opted out, {when})"))
+                    report.refused += 1
+                    continue
+                known = in_index.get(row.training_id, seen_ids.get(row.training_id))
+                if known is not None:
+                    if known == digest:
+                        report.already_present += 1
+                    else:
+                        report.bad.append(BadRow(row.where, row.training_id, f"training_id '{row.training_id}' is "
+                                                                             "already indexed with different image content"))
+                    continue
+                owner = hashes_in_index.get(digest) or seen_hashes.get(digest)
+                if owner is not None:
+                    report.duplicates += 1
+                    log.info("%s: %s is the same image as %s; skipped", row.where, row.training_id, owner)
+                    continue
+                seen_ids[row.training_id] = digest
+                seen_hashes[digest] = row.training_id
+                to_embed.append(item)
+            done = len(chunk) - len(to_embed)
+            for start in range(0, len(to_embed), max(1, batch_size)):
+                batch = to_embed[start:start + max(1, batch_size)]
+                images = [item.image for item in batch]
+                embeddings = encoder.embed(images)
+                features = reranker.features(images)
+                inserter.add([TrainingRow(item.row.training_id, item.row.contributor_id, item.digest, item.row.metadata)
+                              for item in batch], embeddings, features)
+                for item in batch:
+                    item.image = None  # embedded: its pixels can go
+                bar.update(len(batch) + done)
+                done = 0
+            bar.update(done)
+        inserter.close()
+    finally:
+        inserter.shutdown()
+        bar.close()
+    report.seconds["rows"] = time.monotonic() - started
+    building = tqdm(total=max(report.inserted, 1), unit="rows", desc=f"building the index of {collection}",
+                    disable=not progress)
+
+    def show(state: dict) -> None:
+        building.total = max(state["total_rows"], 1)
+        building.update(state["indexed_rows"] - building.n)
+
+    try:
+        report.index_state = index.finish(collection, timeout_s=index_timeout_s, progress=show)
+    finally:
+        building.close()
+    report.seconds["index"] = time.monotonic() - started - report.seconds["rows"]
     # The rows changed, so the distances did: measure the credit temperature again.
     report.calibration = calibrate(index, collection, reranker, DEFAULTS.recall_k, DEFAULTS.nprobe)
     index.save_calibration(collection, report.calibration)
+    report.seconds["calibration"] = time.monotonic() - started - report.seconds["rows"] - report.seconds["index"]
     return report

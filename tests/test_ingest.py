@@ -107,3 +107,22 @@ def test_folder_mode_ids_and_contributors(tmp_path, index, offline_components):
         ("alice/a1.png", "alice"), ("alice/a2.png", "alice"), ("bob/nested/b1.png", "bob")]
     with pytest.raises(ManifestError, match="not a folder"):
         scan_folder(tmp_path / "absent")
+
+
+@pytest.mark.e2e  # builds and waits for an index
+def test_resumed_run_with_bounded_lookups(index, tmp_path, small_set, offline_components, monkeypatch):
+    """A run older than BOUNDED_LOOKUPS_AFTER_S looks rows up with Bounded reads (here: at
+    once): the rows an earlier, finished run wrote are still found, not inserted again."""
+    import gmv_engine.ingest as ingest_module
+
+    manifest = write_csv(tmp_path / "m.csv", ["path", "training_id", "contributor_id", "label"], small_set[:6])
+    first = build(index, "ingest_bounded", manifest, offline_components)
+    assert (first.inserted, first.bad) == (6, [])
+    monkeypatch.setattr(ingest_module, "BOUNDED_LOOKUPS_AFTER_S", -1.0)
+    rows = [*small_set[:10], [small_set[0][0], "same-bytes-new-id", "x", 0], [small_set[1][0], small_set[2][1], "x", 0]]
+    manifest = write_csv(tmp_path / "m.csv", ["path", "training_id", "contributor_id", "label"], rows)
+    second = build(index, "ingest_bounded", manifest, offline_components)
+    assert (second.inserted, second.already_present, second.duplicates) == (4, 6, 1)
+    assert [b.where for b in second.bad] == ["line 13"] and "different image content" in second.bad[0].reason
+    assert index.count("ingest_bounded") == 10
+    assert set(second.seconds) == {"rows", "index", "calibration"} and "rows/s" in second.timing()

@@ -78,6 +78,8 @@ def print_ingest_report(report, collection: str) -> None:
     state = report.index_state
     print(f"collection {collection}: {report.summary()}")
     print(f"index {state.get('index_type')} {state.get('params')}: {state.get('indexed_rows')}/{state.get('total_rows')} rows indexed")
+    if getattr(report, "seconds", None):
+        print(f"time: {report.timing()}")
     per_contributor = getattr(report, "per_contributor", None) or {}
     if per_contributor:
         print(f"images inserted per contributor ({len(per_contributor)}): "
