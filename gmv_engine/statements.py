@@ -3,7 +3,7 @@
 One statement per contributor: the generations that credited them, their credit per training
 image, their share of all credit in the period, the payout from a pool, and the sealed
 checkpoint it reconciles to (when the month is sealed). The share and payout are the same
-numbers `gmv ledger export --by contributor --pool P` writes (`contributor_payouts` is the one
+numbers `gmv ledger export --by contributor --pool P` writes (`payouts` is the one
 place that computes them), so the statements of all contributors sum to the pool.
 Written as CSV and Parquet for finance, and as a self-contained HTML page for the contributor
 that shows the top credited generations' thumbnails (when the server kept them) beside the
@@ -21,17 +21,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ledger import CREDIT_COLUMNS, ContributorValue, Window
+from .ledger import CREDIT_COLUMNS, Window
 
 TOP_GENERATIONS = 12  # shown with thumbnails in the HTML page
 THUMB_SIDE = 160
 
 
-def contributor_payouts(contributors: list[ContributorValue], pool: float | None) -> list[dict]:
-    """value, share of all credit and (with a pool) payout = pool * share, per contributor."""
-    total = sum(c.value for c in contributors)
+def payouts(items, pool: float | None) -> list[dict]:
+    """Each item's fields (a ContributorValue or TrainingValue), its share of all their value and,
+    with a pool, payout = pool * share: what export and statements both write."""
+    total = sum(c.value for c in items)
     rows = []
-    for c in contributors:
+    for c in items:
         row = {**c.__dict__, "share": c.value / total if total else 0.0}
         if pool is not None:
             row["payout"] = pool * row["share"]
@@ -57,9 +58,9 @@ class Statement:
 def statements(ledger, window: Window, period: str, pool: float | None,
                contributor: str | None = None) -> list[Statement]:
     """Statements of every credited contributor (or one) over `window`."""
-    payouts = contributor_payouts(ledger.contributors(window), pool)
-    total = sum(row["value"] for row in payouts)
-    wanted = {row["contributor_id"]: row for row in payouts if contributor in (None, row["contributor_id"])}
+    shares = payouts(ledger.contributors(window), pool)
+    total = sum(row["value"] for row in shares)
+    wanted = {row["contributor_id"]: row for row in shares if contributor in (None, row["contributor_id"])}
     if contributor is not None and contributor not in wanted:
         wanted[contributor] = {"contributor_id": contributor, "value": 0.0, "share": 0.0, "generations": 0,
                                "training_images": 0, **({"payout": 0.0} if pool is not None else {})}

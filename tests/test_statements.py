@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import calendar
 import csv
-import json
 import shutil
 import subprocess
 import sys
@@ -101,3 +100,29 @@ def test_statement_files_and_the_page_in_a_real_browser(tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables and thumbnails, not blank
     red = np.abs(pixels.astype(int) - [200, 30, 30]).max(axis=2) < 12
     assert red.sum() > 1000  # the training image's thumbnail is drawn
+
+
+def test_gmv_ledger_statement_reconciles_with_export(tmp_path):
+    """Statements for all contributors sum to the pool and match `gmv ledger export` row by row."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with open_ledger(url) as ledger:
+        october(ledger)
+    common = ["--ledger-url", url, "--month", "2026-10", "--pool", "1000"]
+    made = subprocess.run([*GMV, "ledger", "statement", "--out", str(tmp_path / "st"), *common],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "wrote 3 statement(s) for 2026-10" in made.stdout and "month not sealed" in made.stdout
+    exported = subprocess.run([*GMV, "ledger", "export", "--out", str(tmp_path / "pay.csv"), *common],
+                              capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    summary = {r["contributor_id"]: r for r in csv.DictReader((tmp_path / "st" / "summary.csv").open())}
+    export = {r["contributor_id"]: r for r in csv.DictReader((tmp_path / "pay.csv").open())}
+    assert summary.keys() == export.keys() == {"x", "y", "z"}
+    for c in summary:
+        assert float(summary[c]["payout"]) == pytest.approx(float(export[c]["payout"]))
+        assert float(summary[c]["value"]) == pytest.approx(float(export[c]["value"]))
+    assert sum(float(r["payout"]) for r in summary.values()) == pytest.approx(1000.0)
+    assert all((tmp_path / "st" / f"{file_stem(c)}.html").is_file() for c in summary)
+    one = subprocess.run([*GMV, "ledger", "statement", "--contributor", "z", "--out", str(tmp_path / "z"), *common],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and "wrote 1 statement(s)" in one.stdout, one.stderr

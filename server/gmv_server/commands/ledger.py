@@ -39,7 +39,14 @@ def register(commands) -> None:
     export.add_argument("--by", choices=["contributor", "training-image", "credit"], default="contributor",
                         help="one row per contributor (default), per training image, or per credit line item")
     export.add_argument("--pool", type=float, help="royalty pool to split: adds payout = pool * value / total value")
-    for parser in (value, top, export):
+    statement = sub.add_parser("statement", help="contributors' statements for a month: CSV, Parquet and an HTML "
+                                                  "page each, and summary.csv/.parquet (docs/LEDGER.md)")
+    statement.add_argument("--contributor", help="only this contributor (default: every contributor credited)")
+    statement.add_argument("--out", required=True, help="folder to write the statements into")
+    statement.add_argument("--pool", type=float, help="royalty pool to split, as `export --pool`")
+    statement.add_argument("--manifest", help="training manifest (path,training_id,...) so the HTML page shows the "
+                                              "credited training images")
+    for parser in (value, top, export, statement):
         add_config_flag(parser)
         add_flags(parser, groups=("ledger",), names=("data_dir",))
         parser.add_argument("--since", type=parse_time, help="from this UTC time, inclusive (2026-10-01 or ISO 8601)")
@@ -47,7 +54,7 @@ def register(commands) -> None:
         parser.add_argument("--month", type=parse_month, help="a calendar month, e.g. 2026-10 (instead of --since/--until)")
         parser.add_argument("--collection", help="only generations attributed against this collection")
         parser.add_argument("--tenant", help="only this tenant's generations")
-        if parser is not export:
+        if parser not in (export, statement):
             parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     register_transparency(sub)
 
@@ -121,6 +128,31 @@ def window_of(args) -> Window:
     return Window(since, until, args.collection, args.tenant)
 
 
+def run_statement(args, ledger, window: Window) -> int:
+    from gmv_engine.statements import statements, write_statement, write_summary
+    from gmv_engine.thumbnails import ThumbnailStore, thumbnail_dir
+
+    if not args.month:
+        raise ValueError("a statement is for a month: give --month, e.g. --month 2026-10")
+    period = datetime.fromtimestamp(args.month[0], timezone.utc).strftime("%Y-%m")
+    out = Path(args.out)
+    rows = statements(ledger, window, period, args.pool, args.contributor)
+    paths = {}
+    if args.manifest:
+        from gmv_engine.ingest import read_manifest
+
+        paths = {row.training_id: row.path for row in read_manifest(args.manifest)}
+    settings = from_args(args)
+    store = ThumbnailStore(thumbnail_dir(settings.data_dir), max_bytes=0)  # read only here
+    write_summary(rows, out)
+    for row in rows:
+        write_statement(row, out, store, paths)
+    sealed = rows[0].checkpoint if rows else None
+    print(f"wrote {len(rows)} statement(s) for {period} to {out} "
+          f"({'reconciles to the sealed checkpoint, root ' + sealed['root_hash'] if sealed else 'month not sealed'})")
+    return EXIT_OK
+
+
 def run(args) -> int:
     if args.ledger_command in ("keygen", "check-proof", "public-key"):
         return run_keys(args)
@@ -138,6 +170,8 @@ def run(args) -> int:
         elif args.ledger_command == "top":
             rows = [c.__dict__ for c in ledger.contributors(window, args.limit or None)]
             columns = ["contributor_id", "value", "generations", "training_images"]
+        elif args.ledger_command == "statement":
+            return run_statement(args, ledger, window)
         else:
             count = export(ledger, window, Path(args.out), args.by, args.pool)
             generations, total = ledger.totals(window)
@@ -168,19 +202,14 @@ def export(ledger, window: Window, out: Path, by: str, pool: float | None) -> in
         for row in rows:
             row["recorded_at"] = iso(row["recorded_at"])
     else:
+        from gmv_engine.statements import payouts
+
         items = ledger.contributors(window) if by == "contributor" else ledger.values(window)
-        rows = [item.__dict__.copy() for item in items]
-        columns = list(rows[0]) if rows else (["contributor_id", "value", "generations", "training_images"]
-                                              if by == "contributor" else
-                                              ["training_id", "contributor_id", "value", "generations"])
-        total = sum(row["value"] for row in rows)
-        columns.append("share")
-        for row in rows:
-            row["share"] = row["value"] / total if total else 0.0
+        rows = payouts(items, pool)  # the same shares and payouts as the statements
+        columns = (["contributor_id", "value", "generations", "training_images"] if by == "contributor" else
+                   ["training_id", "contributor_id", "value", "generations"]) + ["share"]
         if pool is not None:
             columns.append("payout")
-            for row in rows:
-                row["payout"] = pool * row["share"]
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename: a payout file is never half-written.
     partial = out.with_name(out.name + ".partial")
