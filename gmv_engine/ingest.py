@@ -253,8 +253,9 @@ class _Inserter:
     features are stored (so Milvus works on the features of one call and the rows of the one
     before at once). A failed insert is raised by the next add() or by close()."""
 
-    def __init__(self, index: TrainingIndex, collection: str, report: IngestReport, bar):
+    def __init__(self, index: TrainingIndex, collection: str, report: IngestReport, bar, replace_features: bool):
         self.index, self.collection, self.report, self.bar = index, collection, report, bar
+        self.replace_features = replace_features  # False only for a collection this run made
         self.features_pool = ThreadPoolExecutor(1, thread_name_prefix="gmv-insert-features")
         self.rows_pool = ThreadPoolExecutor(1, thread_name_prefix="gmv-insert-rows")
         self.in_flight: deque = deque()
@@ -279,7 +280,7 @@ class _Inserter:
         rows, embeddings, features = self.rows, np.concatenate(self.embeddings), np.concatenate(self.features)
         self.rows, self.embeddings, self.features, self.bytes = [], [], [], 0
         stored = self.features_pool.submit(self.index.insert_features, self.collection, [row.pk for row in rows],
-                                           features)
+                                           features, self.replace_features)
 
         def insert_rows() -> None:
             stored.result()  # a row goes in only once its feature is in
@@ -347,7 +348,9 @@ def _ingest(index: TrainingIndex, collection: str, rows: Sequence[SourceRow], in
     from .milvus.erasure import blocked_hashes, removals
 
     started = time.monotonic()
-    created = index.create(collection, info, index_params, expected_rows=len(rows))
+    # A new collection stays unloaded until its index is built (finish() loads it): no query
+    # node consumes its rows as they arrive, and none has to swap them for indexed ones.
+    created = index.create(collection, info, index_params, expected_rows=len(rows), load_new=False)
     removed = removals(index, collection).contributors  # opted out: nothing of theirs goes back in
     # A new or empty collection holds no row to resume or duplicate; one without a blocklist
     # blocks nothing: then no row needs a Milvus lookup (the blocklist is made only by a removal).
@@ -357,7 +360,8 @@ def _ingest(index: TrainingIndex, collection: str, rows: Sequence[SourceRow], in
     seen_ids: dict[str, str] = {}  # training_id -> content hash, earlier in this run
     seen_hashes: dict[str, str] = {}  # content hash -> training_id, earlier in this run
     bar = tqdm(total=len(rows), unit="rows", desc=f"indexing {collection}", disable=not progress, smoothing=0.1)
-    inserter = _Inserter(index, collection, report, bar)
+    # In a collection this run made, no feature can be there before its row: plain inserts.
+    inserter = _Inserter(index, collection, report, bar, replace_features=not created)
     try:
         for chunk in _chunks(loader, chunk_rows):
             good = [item for item in chunk if item.problem is None]
