@@ -501,6 +501,9 @@ class TrainingIndex:
         MIN_INDEXED_ROWS rows are never indexed and are searched exactly however they are served."""
         if self.lite or (self.index_state(name)["index_type"] or "FLAT") == "FLAT":
             return  # Lite has no query nodes to hand over; FLAT is exact search however it is served
+        if not all(hasattr(self.client, m) for m in ("list_persistent_segments", "list_loaded_segments")):
+            log.info("this pymilvus cannot list segments: not waiting for '%s' to be served by its index", name)
+            return
         deadline = time.monotonic() + timeout_s
         while True:
             lagging = self.segments_not_served(name)
@@ -519,8 +522,8 @@ class TrainingIndex:
                   for segment in self._call("list loaded segments", self.client.list_loaded_segments, name)}
         lagging = []
         for segment in persisted:
-            if segment.num_rows < MIN_INDEXED_ROWS:
-                continue
+            if segment.num_rows < MIN_INDEXED_ROWS or getattr(segment, "level_name", "") == "L0":
+                continue  # too small to index; or (Milvus 2.4+) deletes only, never loaded as rows
             served = loaded.get(segment.segment_id)
             if served is None:
                 lagging.append(f"segment {segment.segment_id} ({segment.num_rows} rows) not loaded yet")
