@@ -44,15 +44,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 class SourceRow:
     """One training image to ingest, and where it was named (manifest line or file)."""
 
-    line: int  # manifest line number (header = 1); 0 for a folder scan
-    path: Path
+    line: int  # manifest line number (header = 1), or row number of a Parquet manifest; 0 for a folder scan
+    path: Path | str  # a str only for a URI (s3://, gs://, file://) that the distributed build reads
     training_id: str
     contributor_id: str
     metadata: dict[str, str] = field(default_factory=dict)
+    unit: str = "line"  # what `line` counts: "line" of a CSV, "row" of a Parquet manifest
 
     @property
     def where(self) -> str:
-        return f"line {self.line}" if self.line else str(self.path)
+        return f"{self.unit} {self.line}" if self.line else str(self.path)
 
 
 @dataclass
@@ -103,26 +104,35 @@ def read_manifest(manifest: str | Path) -> list[SourceRow]:
     except OSError as exc:
         raise ManifestError(f"cannot read manifest {manifest}: {exc.strerror or exc}") from exc
     with handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(
-                f"manifest {manifest} lacks column(s) {', '.join(missing)}; "
-                f"its header must name {','.join(REQUIRED_COLUMNS)} (other columns are kept as metadata)"
-            )
-        rows = []
-        for record in reader:
-            line = reader.line_num
-            metadata = {k: v for k, v in record.items() if k not in REQUIRED_COLUMNS and k is not None}
-            path = Path(record["path"] or "")
-            rows.append(SourceRow(
-                line=line,
-                path=path if path.is_absolute() else manifest.parent / path,
-                training_id=(record["training_id"] or "").strip(),
-                contributor_id=(record["contributor_id"] or "").strip(),
-                metadata=metadata,
-            ))
-        return rows
+        return parse_manifest_csv(handle, str(manifest),
+                                  lambda text: Path(text) if Path(text).is_absolute() else manifest.parent / text)
+
+
+def check_manifest_columns(columns: Iterable[str] | None, name: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in (columns or [])]
+    if missing:
+        raise ManifestError(
+            f"manifest {name} lacks column(s) {', '.join(missing)}; "
+            f"its header must name {','.join(REQUIRED_COLUMNS)} (other columns are kept as metadata)"
+        )
+
+
+def parse_manifest_csv(handle, name: str, resolve) -> list[SourceRow]:
+    """The rows of an open CSV manifest (text, newline=""); resolve(path text) -> the path to read."""
+    reader = csv.DictReader(handle)
+    check_manifest_columns(reader.fieldnames, name)
+    rows = []
+    for record in reader:
+        line = reader.line_num
+        metadata = {k: v for k, v in record.items() if k not in REQUIRED_COLUMNS and k is not None}
+        rows.append(SourceRow(
+            line=line,
+            path=resolve(record["path"] or ""),
+            training_id=(record["training_id"] or "").strip(),
+            contributor_id=(record["contributor_id"] or "").strip(),
+            metadata=metadata,
+        ))
+    return rows
 
 
 def scan_folder(root: str | Path, contributor_depth: int = 1) -> list[SourceRow]:
@@ -186,20 +196,21 @@ class _Loaded:
         return self.image.width * self.image.height * 3 if self.image is not None else 0
 
 
+def load_row(row: SourceRow, limits: ImageLimits, read=load_image_file) -> _Loaded:
+    """Check, read, hash and decode one row; read(path, limits) -> (image, bytes) raises
+    InvalidImageError (the distributed build passes one that also reads URIs)."""
+    problem = _row_problem(row)
+    if problem:
+        return _Loaded(row, problem=problem)
+    try:
+        image, data = read(row.path, limits)
+    except InvalidImageError as exc:
+        return _Loaded(row, problem=str(exc))
+    return _Loaded(row, image, hashlib.sha256(data).hexdigest())
+
+
 def _load(rows: Sequence[SourceRow], limits: ImageLimits) -> list[_Loaded]:
-    out = []
-    for row in rows:
-        problem = _row_problem(row)
-        if problem:
-            out.append(_Loaded(row, problem=problem))
-            continue
-        try:
-            image, data = load_image_file(row.path, limits)
-        except InvalidImageError as exc:
-            out.append(_Loaded(row, problem=str(exc)))
-            continue
-        out.append(_Loaded(row, image, hashlib.sha256(data).hexdigest()))
-    return out
+    return [load_row(row, limits) for row in rows]
 
 
 class _Loader:
@@ -340,77 +351,103 @@ def ingest(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class Planner:
+    """Which rows of a run to embed, decided in manifest order, and the report of the others: a
+    bad row, an image of a removed contributor, a training_id already indexed (with the same
+    content: already present; other content: a bad row) or an image whose exact bytes are
+    already indexed under another training_id (a duplicate). Milvus is asked only when it may
+    hold such rows (a collection with rows, or with a blocklist), `chunk_rows` rows at a time;
+    within a run dictionaries find them. The local build and the distributed one
+    (distributed.py) both decide through it, so both keep the same rows."""
+
+    def __init__(self, index: TrainingIndex, collection: str, created: bool, report: IngestReport,
+                 batch_size: int, started: float):
+        from .milvus.erasure import removals
+
+        self.index, self.collection, self.report, self.started = index, collection, report, started
+        self.removed = removals(index, collection).contributors  # opted out: nothing of theirs goes back in
+        # A new or empty collection holds no row to resume or duplicate; one without a blocklist
+        # blocks nothing: then no row needs a Milvus lookup (the blocklist is made only by a removal).
+        self.resuming = not created and index.count(collection) > 0
+        self.blocklist = index.exists(collection + BLOCKED_SUFFIX)
+        self.chunk_rows = LOOKUP_ROWS if self.resuming or self.blocklist else max(1, batch_size)
+        self.seen_ids: dict[str, str] = {}  # training_id -> content hash, earlier in this run
+        self.seen_hashes: dict[str, str] = {}  # content hash -> training_id, earlier in this run
+
+    def plan(self, chunk: Sequence[_Loaded]) -> list[_Loaded]:
+        """The rows of `chunk` (loaded rows, in manifest order) to embed; the others are counted."""
+        from .milvus.erasure import blocked_hashes
+
+        index, collection, report, removed = self.index, self.collection, self.report, self.removed
+        good = [item for item in chunk if item.problem is None]
+        digests = [item.digest for item in good]
+        refused = blocked_hashes(index, collection, digests) if self.blocklist else {}
+        # Rows of earlier runs were all written before this run began: once that is longer
+        # ago than Milvus' grace time, a Bounded read sees them (~10 ms a call, not ~200).
+        consistency = "Bounded" if time.monotonic() - self.started > BOUNDED_LOOKUPS_AFTER_S else INGEST_CONSISTENCY
+        in_index = (index.existing(collection, [item.row.training_id for item in good], consistency)
+                    if self.resuming else {})
+        hashes_in_index = index.existing_hashes(collection, digests, consistency) if self.resuming else {}
+        to_embed: list[_Loaded] = []
+        for item in chunk:
+            row, digest = item.row, item.digest
+            if item.problem is not None:
+                report.bad.append(BadRow(row.where, row.training_id, item.problem))
+                continue
+            owner = refused.get(digest) or (row.contributor_id if row.contributor_id in removed else None)
+            if owner is not None:
+                when = (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(removed[owner].removed_at))
+                        if owner in removed else "?")
+                report.bad.append(BadRow(row.where, row.training_id, f"refused: contributor '{owner}' was removed "
+                                                                     f"from '{collection}' (opted out, {when})"))
+                report.refused += 1
+                continue
+            known = in_index.get(row.training_id, self.seen_ids.get(row.training_id))
+            if known is not None:
+                if known == digest:
+                    report.already_present += 1
+                else:
+                    report.bad.append(BadRow(row.where, row.training_id, f"training_id '{row.training_id}' is "
+                                                                         "already indexed with different image content"))
+                continue
+            owner = hashes_in_index.get(digest) or self.seen_hashes.get(digest)
+            if owner is not None:
+                report.duplicates += 1
+                log.info("%s: %s is the same image as %s; skipped", row.where, row.training_id, owner)
+                continue
+            self.seen_ids[row.training_id] = digest
+            self.seen_hashes[digest] = row.training_id
+            to_embed.append(item)
+        return to_embed
+
+
+def training_row(item: _Loaded) -> TrainingRow:
+    return TrainingRow(item.row.training_id, item.row.contributor_id, item.digest, item.row.metadata)
+
+
 def _ingest(index: TrainingIndex, collection: str, rows: Sequence[SourceRow], info: CollectionInfo, encoder: Encoder,
             reranker: Reranker, index_params: IndexParams, batch_size: int, progress: bool, index_timeout_s: float,
             loader: _Loader, report: IngestReport) -> IngestReport:
     from tqdm import tqdm
 
-    from .milvus.erasure import blocked_hashes, removals
-
     started = time.monotonic()
     # A new collection stays unloaded until its index is built (finish() loads it): no query
     # node consumes its rows as they arrive, and none has to swap them for indexed ones.
     created = index.create(collection, info, index_params, expected_rows=len(rows), load_new=False)
-    removed = removals(index, collection).contributors  # opted out: nothing of theirs goes back in
-    # A new or empty collection holds no row to resume or duplicate; one without a blocklist
-    # blocks nothing: then no row needs a Milvus lookup (the blocklist is made only by a removal).
-    resuming = not created and index.count(collection) > 0
-    blocklist = index.exists(collection + BLOCKED_SUFFIX)
-    chunk_rows = LOOKUP_ROWS if resuming or blocklist else max(1, batch_size)
-    seen_ids: dict[str, str] = {}  # training_id -> content hash, earlier in this run
-    seen_hashes: dict[str, str] = {}  # content hash -> training_id, earlier in this run
+    planner = Planner(index, collection, created, report, batch_size, started)
     bar = tqdm(total=len(rows), unit="rows", desc=f"indexing {collection}", disable=not progress, smoothing=0.1)
     # In a collection this run made, no feature can be there before its row: plain inserts.
     inserter = _Inserter(index, collection, report, bar, replace_features=not created)
     try:
-        for chunk in _chunks(loader, chunk_rows):
-            good = [item for item in chunk if item.problem is None]
-            digests = [item.digest for item in good]
-            refused = blocked_hashes(index, collection, digests) if blocklist else {}
-            # Rows of earlier runs were all written before this run began: once that is longer
-            # ago than Milvus' grace time, a Bounded read sees them (~10 ms a call, not ~200).
-            consistency = "Bounded" if time.monotonic() - started > BOUNDED_LOOKUPS_AFTER_S else INGEST_CONSISTENCY
-            in_index = (index.existing(collection, [item.row.training_id for item in good], consistency)
-                        if resuming else {})
-            hashes_in_index = index.existing_hashes(collection, digests, consistency) if resuming else {}
-            to_embed: list[_Loaded] = []
-            for item in chunk:
-                row, digest = item.row, item.digest
-                if item.problem is not None:
-                    report.bad.append(BadRow(row.where, row.training_id, item.problem))
-                    continue
-                owner = refused.get(digest) or (row.contributor_id if row.contributor_id in removed else None)
-                if owner is not None:
-                    when = (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(removed[owner].removed_at))
-                            if owner in removed else "?")
-                    report.bad.append(BadRow(row.where, row.training_id, f"refused: contributor '{owner}' was removed "
-                                                                         f"from '{collection}' (opted out, {when})"))
-                    report.refused += 1
-                    continue
-                known = in_index.get(row.training_id, seen_ids.get(row.training_id))
-                if known is not None:
-                    if known == digest:
-                        report.already_present += 1
-                    else:
-                        report.bad.append(BadRow(row.where, row.training_id, f"training_id '{row.training_id}' is "
-                                                                             "already indexed with different image content"))
-                    continue
-                owner = hashes_in_index.get(digest) or seen_hashes.get(digest)
-                if owner is not None:
-                    report.duplicates += 1
-                    log.info("%s: %s is the same image as %s; skipped", row.where, row.training_id, owner)
-                    continue
-                seen_ids[row.training_id] = digest
-                seen_hashes[digest] = row.training_id
-                to_embed.append(item)
+        for chunk in _chunks(loader, planner.chunk_rows):
+            to_embed = planner.plan(chunk)
             done = len(chunk) - len(to_embed)
             for start in range(0, len(to_embed), max(1, batch_size)):
                 batch = to_embed[start:start + max(1, batch_size)]
                 images = [item.image for item in batch]
                 embeddings = encoder.embed(images)
                 features = reranker.features(images)
-                inserter.add([TrainingRow(item.row.training_id, item.row.contributor_id, item.digest, item.row.metadata)
-                              for item in batch], embeddings, features)
+                inserter.add([training_row(item) for item in batch], embeddings, features)
                 for item in batch:
                     item.image = None  # embedded: its pixels can go
                 bar.update(len(batch) + done)
@@ -421,6 +458,16 @@ def _ingest(index: TrainingIndex, collection: str, rows: Sequence[SourceRow], in
         inserter.shutdown()
         bar.close()
     report.seconds["rows"] = time.monotonic() - started
+    return finish_build(index, collection, reranker, report, progress, index_timeout_s)
+
+
+def finish_build(index: TrainingIndex, collection: str, reranker: Reranker, report: IngestReport, progress: bool,
+                 index_timeout_s: float) -> IngestReport:
+    """After the rows: build the index until it serves, then measure the credit temperature
+    (report.seconds "index" and "calibration")."""
+    from tqdm import tqdm
+
+    started = time.monotonic()
     building = tqdm(total=max(report.inserted, 1), unit="rows", desc=f"building the index of {collection}",
                     disable=not progress)
 
@@ -432,9 +479,9 @@ def _ingest(index: TrainingIndex, collection: str, rows: Sequence[SourceRow], in
         report.index_state = index.finish(collection, timeout_s=index_timeout_s, progress=show)
     finally:
         building.close()
-    report.seconds["index"] = time.monotonic() - started - report.seconds["rows"]
+    report.seconds["index"] = time.monotonic() - started
     # The rows changed, so the distances did: measure the credit temperature again.
     report.calibration = calibrate(index, collection, reranker, DEFAULTS.recall_k, DEFAULTS.nprobe)
     index.save_calibration(collection, report.calibration)
-    report.seconds["calibration"] = time.monotonic() - started - report.seconds["rows"] - report.seconds["index"]
+    report.seconds["calibration"] = time.monotonic() - started - report.seconds["index"]
     return report
