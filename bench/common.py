@@ -48,7 +48,7 @@ def digits_on_embedded_milvus(profile_name: str, device_name: str, collection: s
     existing = os.environ.get("GMV_BENCH_MILVUS_URI")  # a Milvus already running (the ingest resumes)
     with contextlib.nullcontext(SimpleNamespace(uri=existing)) if existing else \
             EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
-        index = TrainingIndex(milvus.uri)
+        index = TrainingIndex(milvus.uri, feature_store=str(workdir / "features"))
         info = CollectionInfo(profile.name, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
         start = time.perf_counter()
         report = ingest(index, collection, rows, info, encoder, reranker, progress=False)
@@ -72,6 +72,7 @@ def serving(bench: DigitsBench, collection: str, port: int, *flags: str, warm: l
     server = subprocess.Popen(
         [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--port", str(port), *flags,
          "--milvus-uri", bench.milvus_uri, "--device", bench.device, "--host", "127.0.0.1",
+         *(("--feature-store", bench.index.feature_store.uri) if bench.index.feature_store else ()),
          "--data-dir", tempfile.mkdtemp(prefix="gmv-bench-ledger-")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -57,6 +57,12 @@ class Settings:
     milvus_port: int = setting(0, "port of the embedded Milvus' proxy on 127.0.0.1; 0: 19530 when free, else any "
                                   "free port (other commands on the data dir find it in its lock file)", "milvus")
     milvus_timeout_s: float = setting(30.0, "seconds one Milvus call may take", "milvus")
+    feature_store: str = setting("", "where re-rank features are kept: a directory, or a URI pyarrow opens "
+                                     "(s3://bucket/prefix, gs://...) that every replica reads; empty: "
+                                     "data_dir/features with the embedded Milvus, and in Milvus (NAME__rerank, "
+                                     "held in its memory as float32) with a Milvus by URI", "milvus")
+    feature_cache_dir: str = setting("", "a replica's local copy of a remote feature_store (memory-mapped from "
+                                         "there); empty: data_dir/feature-cache", "milvus")
     # -- models
     model_dir: str = setting("", "folder holding pretrained weights; empty: each library's standard cache", "models")
     device: str = setting("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...", "models")
@@ -95,6 +101,13 @@ class Settings:
     nbits: int = setting(8, "bits per PQ code", "ingest")
     index_type: str = setting("IVF_PQ", "IVF_PQ, or FLAT for exact search (a reference for evaluations)", "ingest",
                               choices=("IVF_PQ", "FLAT"))
+    executor: str = setting("local", "where `gmv index build` embeds: local (this process), or ray (a Ray cluster; "
+                                      "the `distributed` extra: pip install -e '.[distributed]')", "ingest",
+                            choices=("local", "ray"))
+    ray_address: str = setting("", "--executor ray: the Ray cluster, e.g. auto, 10.0.0.5:6379 or ray://head:10001; "
+                                   "empty: RAY_ADDRESS, else a Ray started on this machine", "ingest")
+    ray_actors: int = setting(0, "--executor ray: embedding actors; 0: one per GPU of the cluster, else one per CPU",
+                              "ingest")
     # -- serving
     collections: tuple[str, ...] = setting((), "collections `gmv serve` serves (repeat --collection)", "serving",
                                            flag="--collection")
@@ -232,6 +245,15 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return not self.milvus_uri
+
+    def resolved_feature_store(self) -> str | None:
+        """Where re-rank features are kept (None: in Milvus): see feature_store."""
+        if self.feature_store:
+            return self.feature_store
+        return str(Path(self.data_dir).absolute() / "features") if self.embedded else None
+
+    def resolved_feature_cache_dir(self) -> str:
+        return self.feature_cache_dir or str(Path(self.data_dir).absolute() / "feature-cache")
 
     def resolved_ledger_url(self) -> str:
         from .ledger import default_ledger_url

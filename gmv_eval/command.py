@@ -248,8 +248,10 @@ def _resolve_profile(requested: str, device: str, quality_override: str | None):
 # -- the server ---------------------------------------------------------------------------------
 @contextlib.contextmanager
 def served(milvus_uri: str, collection: str, reranker: str, settings: dict, device: str, data_dir: Path,
-           log_path: Path, milvus_token: str = "", model_dir: str = "") -> Iterator[object]:
-    """`gmv serve` on `collection` as a subprocess; yields a ready GMVClient, then SIGTERMs it."""
+           log_path: Path, milvus_token: str = "", model_dir: str = "", feature_store: str | None = None
+           ) -> Iterator[object]:
+    """`gmv serve` on `collection` as a subprocess; yields a ready GMVClient, then SIGTERMs it.
+    feature_store: the one the collection was built with (TrainingIndex.feature_store)."""
     from gmv_client import GMVClient
     from gmv_engine.milvus.embedded import free_port
 
@@ -259,6 +261,8 @@ def served(milvus_uri: str, collection: str, reranker: str, settings: dict, devi
                "--data-dir", str(data_dir)]
     if model_dir:
         command += ["--model-dir", model_dir]
+    if feature_store:
+        command += ["--feature-store", feature_store]
     for flag, value in settings.items():
         command += [f"--{flag.replace('_', '-')}", str(value)]
     env = dict(os.environ)
@@ -497,7 +501,8 @@ def run(args) -> int:
     wanted = inputs.criteria
 
     with open_index(settings.milvus_uri, data_dir, settings.milvus_port or free_port(), settings.milvus_token,
-                    timeout_s=settings.milvus_timeout_s) as index:
+                    timeout_s=settings.milvus_timeout_s, feature_store=settings.feature_store or None,
+                    feature_cache_dir=settings.resolved_feature_cache_dir()) as index:
         collections = {
             (dataset.key, name, recall): _build(index, results, dataset, recall, rerankers[name], profile.name, encoder)
             for dataset, _ in inputs.groups for recall in args.recall
@@ -511,7 +516,8 @@ def run(args) -> int:
                 log.info("variant %s on %s: starting gmv serve", variant.name, collection)
                 with served(index.uri, collection, variant.reranker, server_settings, device, data_dir,
                             workdir / "logs" / f"serve-{collection}-{variant.reranker}.log",
-                            milvus_token=settings.milvus_token, model_dir=settings.model_dir) as client:
+                            milvus_token=settings.milvus_token, model_dir=settings.model_dir,
+                            feature_store=index.feature_store and index.feature_store.uri) as client:
                     if "main" in keys and "c4" in wanted:
                         timed = dataset.generations[:c4_samples]
                         latencies = one_at_a_time(client, timed, args.top_k)

@@ -92,7 +92,7 @@ def run_photos(args, index, data_dir: Path, workdir: Path, device: str, settings
         log.info("photos: re-ranker %s on %s", name, collection)
         with served(index.uri, collection, name, server_settings, device, data_dir,
                     workdir / "logs" / f"serve-{collection}-{name}.log", milvus_token=settings.milvus_token,
-                    model_dir=settings.model_dir) as client:
+                    model_dir=settings.model_dir, feature_store=index.feature_store and index.feature_store.uri) as client:
             info = client.index_info()  # the settings it serves with: T, recall_mirror
             by_id, seconds = stream(client, dataset.generations, args.top_k)
         temperature = float(info.search_params["temperature"])

@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One re-rank feature store for the session, like its one Milvus: collections the tests build
+# keep their features there, and every `gmv` the tests start finds them through the variable.
+if "GMV_FEATURE_STORE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["GMV_FEATURE_STORE"] = tempfile.mkdtemp(prefix="gmv-test-features-")
+    atexit.register(shutil.rmtree, os.environ["GMV_FEATURE_STORE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +67,7 @@ def ledger_url(request, tmp_path):
 def index(milvus):
     from gmv_engine.milvus.index import TrainingIndex
 
-    training_index = TrainingIndex(milvus.uri)
+    training_index = TrainingIndex(milvus.uri, feature_store=os.environ["GMV_FEATURE_STORE"])
     yield training_index
     training_index.close()
 

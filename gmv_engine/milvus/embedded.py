@@ -362,13 +362,19 @@ def _group_alive(pgid: int) -> bool:
 
 @contextlib.contextmanager
 def open_index(milvus_uri: str | None, data_dir: str | Path = ".gmv", port: int = 0,
-               token: str = "", timeout_s: float = 30.0) -> Iterator["TrainingIndex"]:
+               token: str = "", timeout_s: float = 30.0, feature_store: str | None = None,
+               feature_cache_dir: str | None = None) -> Iterator["TrainingIndex"]:
     """A TrainingIndex on `milvus_uri`, or on an embedded Milvus started on `data_dir/milvus`
-    for the duration of the block (and stopped after it, also on error or interrupt)."""
+    for the duration of the block (and stopped after it, also on error or interrupt).
+    feature_store: where re-rank features are kept (TrainingIndex); with the embedded Milvus,
+    data_dir/features unless given."""
     from .index import TrainingIndex
 
+    if not milvus_uri and not feature_store:
+        feature_store = str(Path(data_dir).absolute() / "features")
     if milvus_uri:
-        index = TrainingIndex(milvus_uri, token=token, timeout_s=timeout_s)
+        index = TrainingIndex(milvus_uri, token=token, timeout_s=timeout_s, feature_store=feature_store,
+                              feature_cache_dir=feature_cache_dir)
         try:
             yield index
         finally:
@@ -377,11 +383,12 @@ def open_index(milvus_uri: str | None, data_dir: str | Path = ".gmv", port: int 
     running = running_server(Path(data_dir) / "milvus", wait_s=ATTEMPT_TIMEOUTS_S[0])
     if running is not None:  # `gmv milvus start` or a `gmv serve` runs one there: use it
         log.info("using the embedded Milvus of pid %d (%s) on port %d", running.pid, running.owner, running.port)
-        with contextlib.closing(TrainingIndex(f"http://127.0.0.1:{running.port}", timeout_s=timeout_s)) as index:
+        with contextlib.closing(TrainingIndex(f"http://127.0.0.1:{running.port}", timeout_s=timeout_s,
+                                              feature_store=feature_store)) as index:
             yield index
         return
     with EmbeddedMilvus(Path(data_dir) / "milvus", port=port) as server:
-        index = TrainingIndex(server.uri, timeout_s=timeout_s)
+        index = TrainingIndex(server.uri, timeout_s=timeout_s, feature_store=feature_store)
         index.embedded = server
         try:
             yield index

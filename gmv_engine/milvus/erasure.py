@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import InvalidArgumentError
-from .index import (BLOCKED_SUFFIX, FEATURES_SUFFIX, INGEST_CONSISTENCY, MAX_CONTRIBUTOR_ID, TrainingIndex,
+from .index import (BLOCKED_SUFFIX, INGEST_CONSISTENCY, MAX_CONTRIBUTOR_ID, TrainingIndex,
                     training_pk)
 
 REMOVALS_PROPERTY = "gmv.removals"
@@ -108,7 +108,7 @@ def remove_contributor(index: TrainingIndex, name: str, contributor_id: str) -> 
         for first in range(0, len(pks), PAGE):  # 3
             page = pks[first:first + PAGE]
             if info.feature_dim:
-                index._call("delete re-rank features", index.client.delete, name + FEATURES_SUFFIX, ids=page)
+                index.delete_features(name, page)
             index._call("delete training rows", index.client.delete, name, ids=page)
         removed += len(pks)
         rows = index._call("list the contributor's rows", index.client.query, name,

@@ -4,10 +4,12 @@ Two collections per training set, both keyed by the same primary key:
 - NAME: one row per training image: pk, training_id, contributor_id, content_hash, metadata
   (JSON) and the recall embedding, indexed with IVF_PQ. What built it (profile, encoder,
   re-ranker, dims) is recorded as JSON in the collection's description.
-- NAME__rerank: pk and the re-rank feature (DreamSim embedding, or the pixels LPIPS/ℓ2 need),
-  fetched by primary key for the K' recalled rows. Milvus 2.3 allows one vector field per
-  collection, and returning large vectors through search output costs ~30 ms a query
-  (ENVIRONMENT.md), while a primary-key query for 100 rows takes ~10 ms.
+- The re-rank features (DreamSim embedding, or the pixels LPIPS/ℓ2 need), fetched by primary
+  key for the K' recalled rows: in a feature store on disk (gmv_engine/feature_store.py:
+  float16, memory-mapped, under a folder named in CollectionInfo.feature_store), or, for
+  collections built without one, in the Milvus collection NAME__rerank (Milvus 2.3 allows one
+  vector field per collection; a primary-key query for 100 rows takes 10-40 ms, and Milvus
+  keeps the features in RAM as float32).
 
 The primary key is derived from training_id (63 bits of its SHA-256), so a resumed ingest
 can ask "is this training_id in?" by key, with no string escaping in filter expressions.
@@ -20,8 +22,9 @@ import logging
 import math
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -109,6 +112,11 @@ class CollectionInfo:
     feature_dim: int
     metric: str = "L2"
     schema_version: int = SCHEMA_VERSION
+    # Where the re-rank features are: "" in Milvus (NAME__rerank), else this folder of the
+    # feature store (unique per collection made: a store may be shared by several Milvus, and
+    # a dropped and re-made collection must not see its predecessor's features). Not part of
+    # how a collection was built, so not compared.
+    feature_store: str = field(default="", compare=False)
 
     def to_json(self) -> str:
         return json.dumps({"gmv": asdict(self)}, sort_keys=True)
@@ -198,8 +206,14 @@ def is_lite_uri(uri: str) -> bool:
 class TrainingIndex:
     """All Milvus calls. Construct with any Milvus URI: embedded, standalone or cluster."""
 
-    def __init__(self, uri: str, token: str = "", timeout_s: float = 30.0):
+    def __init__(self, uri: str, token: str = "", timeout_s: float = 30.0, feature_store: str | None = None,
+                 feature_cache_dir: str | None = None):
+        """feature_store: where new collections keep their re-rank features, and where those of
+        collections that keep them in a store are found (a directory or a pyarrow filesystem
+        URI; gmv_engine/feature_store.py); None: in Milvus (NAME__rerank)."""
         from pymilvus import MilvusClient
+
+        from ..feature_store import FeatureStore
 
         # pymilvus logs every failed RPC with a traceback (its logging config is applied on
         # import, so this must follow it); we wrap those errors in clear ones instead.
@@ -211,6 +225,8 @@ class TrainingIndex:
         self.lite = is_lite_uri(uri)
         self.embedded = None  # the EmbeddedMilvus this index was opened on, if any: gmv serve supervises it
         self._feature_dims: dict[str, int] = {}  # collection -> its re-rank feature's size, as fetched
+        self.feature_store = FeatureStore(feature_store, feature_cache_dir) if feature_store else None
+        self._feature_folders: dict[str, str] = {}  # collection -> its folder in the store, "" for Milvus
         if self.lite:
             try:
                 import milvus_lite  # noqa: F401
@@ -301,6 +317,7 @@ class TrainingIndex:
 
         self.check_name(name)
         self._feature_dims.pop(name, None)
+        self._feature_folders.pop(name, None)
         if self.exists(name):
             existing = self.info(name)
             if existing != info:
@@ -310,7 +327,9 @@ class TrainingIndex:
                 )
             self.load(name)
             return False
-        if info.feature_dim:
+        if info.feature_dim and self.feature_store is not None:
+            info = replace(info, feature_store=f"{name}.{uuid.uuid4().hex[:12]}")
+        elif info.feature_dim:
             features = MilvusClient.create_schema(auto_id=False, description=f"re-rank features of {name}")
             features.add_field("pk", DataType.INT64, is_primary=True)
             features.add_field("feature", DataType.FLOAT_VECTOR, dim=info.feature_dim)
@@ -352,9 +371,13 @@ class TrainingIndex:
 
     def drop(self, name: str) -> None:
         self._feature_dims.pop(name, None)
+        folder = self._feature_folder(name, required=False) if self.exists(name) else ""
+        self._feature_folders.pop(name, None)
         for collection in (name + FEATURES_SUFFIX, name + BLOCKED_SUFFIX, name):
             if self._call("list collections", self.client.has_collection, collection):
                 self._call("drop collection", self.client.drop_collection, collection)
+        if folder and self.feature_store is not None:
+            self.feature_store.drop(folder)
 
     # -- ingest ---------------------------------------------------------------------------
     def existing(self, name: str, training_ids: Sequence[str], consistency: str = INGEST_CONSISTENCY) -> dict[str, str]:
@@ -401,6 +424,10 @@ class TrainingIndex:
         may pass False (a plain insert: Milvus skips an upsert's delete, ~15% of its work)."""
         if not len(pks) or not features.shape[1]:
             return
+        folder = self._feature_folder(name)
+        if folder:
+            self.feature_store.append(folder, pks, features)
+            return
         stub = self._grpc_stub()
         if stub is not None:
             self._call("insert re-rank features", self._write_vectors, stub, name + FEATURES_SUFFIX, "feature",
@@ -409,6 +436,33 @@ class TrainingIndex:
         self._call("insert re-rank features", self.client.upsert if replace else self.client.insert,
                    name + FEATURES_SUFFIX,
                    [{"pk": pk, "feature": vector} for pk, vector in zip(pks, features.astype(np.float32).tolist())])
+
+    def delete_features(self, name: str, pks: Sequence[int]) -> None:
+        """Delete these keys' re-rank features (a contributor's opt-out)."""
+        folder = self._feature_folder(name)
+        if folder:
+            self.feature_store.remove(folder, pks)
+        else:
+            self._call("delete re-rank features", self.client.delete, name + FEATURES_SUFFIX, ids=list(pks))
+
+    def _feature_folder(self, name: str, required: bool = True) -> str:
+        """The collection's folder in the feature store, or "" when its features are in Milvus
+        (required: fail clearly when they are in a store and none is configured here)."""
+        folder = self._feature_folders.get(name)
+        if folder is None:
+            try:
+                folder = self.info(name).feature_store
+            except IncompatibleCollectionError:
+                if required:
+                    raise
+                return ""
+            self._feature_folders[name] = folder
+        if folder and self.feature_store is None and required:
+            raise IndexUnavailableError(
+                f"collection '{name}' keeps its re-rank features in a feature store (folder '{folder}'), but no "
+                "store is configured here: set feature_store (--feature-store, GMV_FEATURE_STORE) to the one it "
+                "was built with")
+        return folder
 
     def _grpc_stub(self):
         """pymilvus' stub of Milvus' gRPC service (pymilvus 2.4 to 3.x), or None: Milvus Lite, a
@@ -480,9 +534,11 @@ class TrainingIndex:
         search or feature fetch then would silently miss new rows."""
         deadline = time.monotonic() + timeout_s
         self._call("flush", self.client.flush, name)
-        names = [name] + ([name + FEATURES_SUFFIX] if self.info(name).feature_dim else [])
+        names = [name] + self._feature_collections(name)
         for collection in names[1:]:
             self._call("flush", self.client.flush, collection)
+        if self._feature_folder(name):
+            self.feature_store.compact(self._feature_folder(name))
         state = self.wait_for_index(name, timeout_s, progress)
         self.load(name)  # a collection made unloaded (create(load_new=False)) loads its indexed segments now
         self.wait_served(name, timeout_s=max(1.0, deadline - time.monotonic()))
@@ -582,10 +638,15 @@ class TrainingIndex:
             "params": {k: int(v) for k, v in params.items()},
         }
 
+    def _feature_collections(self, name: str) -> list[str]:
+        """[NAME__rerank] where the features are kept in Milvus, else []."""
+        info = self.info(name)
+        return [name + FEATURES_SUFFIX] if info.feature_dim and not info.feature_store else []
+
     def load(self, name: str) -> None:
         """Load the collection and its re-rank features, both at once (a new collection takes
         seconds to load; one loaded already, milliseconds)."""
-        names = [name] + ([name + FEATURES_SUFFIX] if self.info(name).feature_dim else [])
+        names = [name] + self._feature_collections(name)
         with ThreadPoolExecutor(len(names), thread_name_prefix="gmv-load") as pool:
             loads = [pool.submit(self._call, "load collection", self.client.load_collection, each) for each in names]
             for done in loads:
@@ -650,6 +711,14 @@ class TrainingIndex:
         default: a calibration fetches some 20,000 features). A collection's first fetch asks
         for FIRST_FETCH_ROWS keys, which tells its feature size."""
         pks = sorted(set(pks))
+        folder = self._feature_folder(name)
+        if folder:
+            found = self.feature_store.get(folder, pks)
+            if pks and not found and not self.feature_store.count(folder):
+                raise IndexUnavailableError(
+                    f"the feature store at {self.feature_store.uri} has no re-rank features of '{name}' (folder "
+                    f"'{folder}'): is feature_store set to the store it was built with?")
+            return found
         found: dict[int, np.ndarray] = {}
         start = 0
         while start < len(pks):

@@ -27,7 +27,8 @@ def open_index(settings: Settings) -> Iterator:
     from gmv_engine.milvus.embedded import open_index as open_milvus
 
     with open_milvus(settings.milvus_uri or None, settings.data_dir, settings.milvus_port, settings.milvus_token,
-                     settings.milvus_timeout_s) as index:
+                     settings.milvus_timeout_s, settings.resolved_feature_store(),
+                     settings.resolved_feature_cache_dir()) as index:
         yield index
 
 
