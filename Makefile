@@ -11,8 +11,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,eval]"
-	$(BIN)/python -c "import torch, torchvision, pymilvus, milvus, pyiqa, lpips, dreamsim" 2>/dev/null
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,eval,distributed]"
+	$(BIN)/python -c "import torch, torchvision, pymilvus, milvus, pyiqa, lpips, dreamsim, ray.data" 2>/dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)

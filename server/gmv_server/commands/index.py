@@ -17,7 +17,8 @@ def register(commands) -> None:
         dest="index_command", required=True)
     build = index.add_parser("build", help="embed training images into a Milvus IVF_PQ collection (resumable)")
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", help="CSV with columns path,training_id,contributor_id (others kept as metadata)")
+    source.add_argument("--manifest", help="CSV with columns path,training_id,contributor_id (others kept as metadata); "
+                                           "with --executor ray also Parquet (.parquet), and s3://, gs:// URIs")
     source.add_argument("--images", help="folder of images: training_id = path relative to it, contributor_id = "
                                          "the first folder under it (alice/2024/x.png -> alice)")
     build.add_argument("--contributor-depth", type=int, default=1,
@@ -44,7 +45,13 @@ def run(args) -> int:
 def build(args, settings: Settings) -> int:
     from gmv_engine.ingest import read_manifest, scan_folder
 
-    rows = read_manifest(args.manifest) if args.manifest else scan_folder(args.images, args.contributor_depth)
+    if settings.executor == "ray":
+        from gmv_engine.distributed import read_source, require_ray
+
+        require_ray()  # exit 2, naming the extra, before anything slow starts
+        rows = read_source(args.manifest) if args.manifest else scan_folder(args.images, args.contributor_depth)
+    else:
+        rows = read_manifest(args.manifest) if args.manifest else scan_folder(args.images, args.contributor_depth)
     with open_index(settings) as index:
         report = run_ingest(index, args.collection, rows, settings, device(settings), not args.no_progress)
     print_ingest_report(report, args.collection)
@@ -70,6 +77,13 @@ def run_ingest(index, collection: str, rows, settings: Settings, device_name: st
     log.info("building '%s' from %d rows: encoder %s (%d-d), re-ranker %s", collection, len(rows),
              encoder.name, encoder.dim, reranker.name)
     params = IndexParams(settings.nlist, settings.m, settings.nbits, settings.index_type)
+    if settings.executor == "ray":
+        from gmv_engine.distributed import RayOptions, ingest_on_ray
+
+        options = RayOptions(address=settings.ray_address, actors=settings.ray_actors, device=settings.device,
+                             model_dir=settings.model_dir)
+        return ingest_on_ray(index, collection, rows, info, encoder, reranker, params,
+                             batch_size=settings.ingest_batch_size, progress=progress, options=options)
     return ingest(index, collection, rows, info, encoder, reranker, params, batch_size=settings.ingest_batch_size,
                   progress=progress)
 
