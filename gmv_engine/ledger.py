@@ -15,6 +15,9 @@ Two backends behind the same SQL and schema:
 - PostgreSQL by URL, for several server replicas sharing one ledger. Schema migrations run
   under an advisory lock, so replicas starting together do not race.
 
+Contributors' opt-outs are recorded too (`erasures`, once per removal; gmv_engine/optout.py),
+beside the generations they never change.
+
 The paper's data value phi_i of training image i is the sum of its credits over generations;
 `values()` computes it over a time window, `contributors()` totals it per contributor.
 """
@@ -136,6 +139,25 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             generation_id TEXT NOT NULL,
             leaf_hash TEXT NOT NULL,
             PRIMARY KEY (period, leaf_index))""",
+    ]),
+    # Contributors' opt-out (docs/CONTRIBUTORS.md): each removal of a contributor from a
+    # collection, once. The key is the removal itself: a contributor is marked removed once per
+    # collection, at `removed_at`, which every later run of `remove` keeps, so re-running an
+    # interrupted removal records nothing new. Not hashed or sealed (docs/LEDGER.md).
+    (5, "erasures: each contributor removed from a collection, when, by whom, what it took out", [
+        """CREATE TABLE erasures (
+            collection TEXT NOT NULL,
+            contributor_id TEXT NOT NULL,
+            removed_at DOUBLE PRECISION NOT NULL,
+            images_removed INTEGER NOT NULL,
+            hashes_blocked INTEGER NOT NULL,
+            removals_version INTEGER NOT NULL,
+            requested_via TEXT NOT NULL,
+            requested_by TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            recorded_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (collection, contributor_id, removed_at))""",
+        "CREATE INDEX erasures_recorded_at ON erasures (recorded_at)",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -297,6 +319,64 @@ class KeysMixin:
 def _api_key(row) -> ApiKey:
     key_id, tenant, roles, created, expires, revoked, digest = row
     return ApiKey(key_id, tenant, tuple(r for r in roles.split(",") if r), created, expires, revoked, digest)
+
+
+ERASURE_COLUMNS = ("collection", "contributor_id", "removed_at", "images_removed", "hashes_blocked",
+                   "removals_version", "requested_via", "requested_by", "tenant_id", "recorded_at")
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """A contributor's removal from a collection (gmv_engine/optout.py), as the ledger keeps it."""
+
+    collection: str
+    contributor_id: str
+    removed_at: float  # when the contributor was first marked removed (the removal's identity)
+    images_removed: int  # training images taken out of the recall index and re-rank store
+    hashes_blocked: int  # content hashes put on the collection's blocklist
+    removals_version: int  # the collection's removals version once the removal was complete
+    requested_via: str  # "cli" (gmv contributors remove) or "rpc" (RemoveContributor)
+    requested_by: str  # who: the OS user and host, or the RPC's credential and peer
+    tenant_id: str = ""  # the RPC caller's tenant; "" from the command line or an open server
+    recorded_at: float = 0.0  # when the ledger recorded it; set by the ledger when 0
+
+
+class ErasuresMixin:
+    """Contributors' erasures in the ledger's database (the Ledger class below mixes this in)."""
+
+    def record_erasure(self, erasure: Erasure) -> tuple[Erasure, bool]:
+        """Record a completed removal once: (the stored erasure, True) when it is new, (the one
+        recorded before, False) when this removal (collection, contributor, removed_at) was
+        recorded already, as it is when an interrupted or repeated removal runs again."""
+        if not erasure.recorded_at:
+            erasure = _replace(erasure, recorded_at=time.time())
+        values = tuple(getattr(erasure, column) for column in ERASURE_COLUMNS)
+        with self._lock:
+            conn = self._connection()
+            try:
+                self._begin(conn)
+                inserted = self._execute(conn, f"INSERT INTO erasures ({', '.join(ERASURE_COLUMNS)}) VALUES "
+                                               f"({', '.join('?' * len(ERASURE_COLUMNS))}) ON CONFLICT "
+                                               "(collection, contributor_id, removed_at) DO NOTHING", values).rowcount
+                row = self._execute(conn, f"SELECT {', '.join(ERASURE_COLUMNS)} FROM erasures WHERE collection = ? "
+                                          "AND contributor_id = ? AND removed_at = ?",
+                                    (erasure.collection, erasure.contributor_id, erasure.removed_at)).fetchone()
+                conn.execute("COMMIT")
+            except Exception as exc:  # noqa: BLE001
+                self._rollback(conn)
+                raise self._fail(exc, f"recording the erasure of contributor '{erasure.contributor_id}'") from exc
+        return Erasure(*row), inserted == 1
+
+    def erasures(self, collection: str | None = None, contributor_id: str | None = None) -> list[Erasure]:
+        """The recorded erasures, oldest removal first; only a collection's or a contributor's
+        when given."""
+        clauses = [(column, value) for column, value in (("collection", collection), ("contributor_id", contributor_id))
+                   if value]
+        where = (" WHERE " + " AND ".join(f"{column} = ?" for column, _ in clauses)) if clauses else ""
+        rows = self._query(f"SELECT {', '.join(ERASURE_COLUMNS)} FROM erasures{where} "
+                           "ORDER BY removed_at, collection, contributor_id", [v for _, v in clauses],
+                           "reading erasures")
+        return [Erasure(*row) for row in rows]
 
 
 SLICE_RECORDS = 20_000  # generations read into memory at once by seal, verify and the backfill
@@ -551,6 +631,10 @@ class TransparencyMixin:
         for tenant, generation, count in orphans:
             report.findings.append(f"generation {tenant}/{generation}: {count} credit row(s) without their generation "
                                    "(its generation row was removed)")
+        erasures = self._query("SELECT COUNT(*) FROM erasures", (), "counting erasures")[0][0]
+        if erasures:
+            report.notes.append(f"{erasures} contributor erasure(s) recorded (`gmv ledger erasures`): kept beside the "
+                                "records, not hashed or sealed, so not checked")
         return report
 
     def _verify_month(self, period: str, public_keys: Sequence | None, report: VerifyReport) -> None:
@@ -700,7 +784,7 @@ def _differences(sealed: list[tuple[str, str, str]], current: list[tuple[str, st
     return findings
 
 
-class Ledger(KeysMixin, TransparencyMixin):
+class Ledger(KeysMixin, ErasuresMixin, TransparencyMixin):
     """One connection, used under a lock (the server writes from worker threads). Open with
     `open_ledger(url)`."""
 

@@ -1,4 +1,5 @@
 """`gmv ledger value|top|export`: data values and payouts from the royalty ledger;
+`gmv ledger erasures`: contributors' opt-outs the ledger recorded (docs/CONTRIBUTORS.md);
 `gmv ledger seal|verify|prove|check-proof|keygen|public-key`: the tamper-evident ledger
 (signed monthly Merkle checkpoints and inclusion proofs, docs/LEDGER.md).
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gmv_engine import transparency
-from gmv_engine.ledger import CREDIT_COLUMNS, AlreadySealedError, Window, open_ledger
+from gmv_engine.ledger import CREDIT_COLUMNS, ERASURE_COLUMNS, AlreadySealedError, Window, open_ledger
 from gmv_engine.settings import add_config_flag, add_flags, from_args
 
 from .common import EXIT_OK, EXIT_PARTIAL
@@ -56,6 +58,12 @@ def register(commands) -> None:
         parser.add_argument("--tenant", help="only this tenant's generations")
         if parser not in (export, statement):
             parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    erasures = sub.add_parser("erasures", help="contributors removed (opted out): when, by whom, what it took out")
+    erasures.add_argument("--collection", help="only removals from this collection")
+    erasures.add_argument("--contributor", help="only this contributor's removals")
+    erasures.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    add_config_flag(erasures)
+    add_flags(erasures, groups=("ledger",), names=("data_dir",))
     register_transparency(sub)
 
 
@@ -159,9 +167,10 @@ def run(args) -> int:
     url = from_args(args).resolved_ledger_url()
     if "://" not in url and not Path(url).exists():
         raise ValueError(f"no ledger at {url}: run `gmv serve` first, or pass --ledger-url / --data-dir")
-    if args.ledger_command in ("seal", "verify", "prove"):
+    if args.ledger_command in ("seal", "verify", "prove", "erasures"):
         with open_ledger(url) as ledger:
-            return {"seal": run_seal, "verify": run_verify, "prove": run_prove}[args.ledger_command](args, ledger)
+            return {"seal": run_seal, "verify": run_verify, "prove": run_prove,
+                    "erasures": run_erasures}[args.ledger_command](args, ledger)
     window = window_of(args)
     with open_ledger(url) as ledger:
         if args.ledger_command == "value":
@@ -185,6 +194,19 @@ def run(args) -> int:
         print(f"{generations} generations, total credit {total:.6f}")
         print(format_rows(rows, columns))
     return 0
+
+
+def run_erasures(args, ledger) -> int:
+    rows = [dataclasses.asdict(e) for e in ledger.erasures(args.collection, args.contributor)]
+    for row in rows:
+        row["removed_at"], row["recorded_at"] = iso(row["removed_at"]), iso(row["recorded_at"])
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(f"{len(rows)} erasure(s)")
+        print(format_rows(rows, list(ERASURE_COLUMNS)))
+    return EXIT_OK
 
 
 def format_rows(rows: list[dict], columns: list[str]) -> str:
