@@ -72,12 +72,85 @@ def test_remove_takes_rows_out_blocks_reingest_and_is_listed(index, digits, offl
     assert again.rows == removal.rows and again.removed_at == removal.removed_at
 
 
+def test_the_erasure_is_recorded_in_the_ledger_once_and_past_records_stay(index, digits, offline_components,
+                                                                          ledger_url):
+    """On each backend: a removal interrupted before the ledger heard of it is recorded by the
+    run that finishes it, with its first time; running it again records nothing more."""
+    from gmv_engine.credit import Credit
+    from gmv_engine.ledger import GenerationRecord, open_ledger
+    from gmv_engine.optout import CLI, RPC, remove
+
+    name = "contributors_ledger"
+    rows = build(index, digits, offline_components, name)
+    gone = busiest(rows)
+    theirs = [row for row in rows if row.contributor_id == gone]
+    with open_ledger(ledger_url) as ledger:
+        credited = GenerationRecord("before", "tenant-1", name, "offline", "s", "image", 0.5,
+                                    (Credit(1, theirs[0].training_id, gone, 0.5, 0.1),), time.time() - 60)
+        ledger.record(credited)
+        # The Milvus part only, as a run that stopped before writing to the ledger leaves it.
+        interrupted = remove(index, None, name, gone, requested_via=CLI, requested_by="ops@host")
+        assert interrupted.erasure is None and ledger.erasures() == []
+        finished = remove(index, ledger, name, gone, requested_via=RPC, requested_by="key k1 from ipv4:10.0.0.1:1",
+                          tenant_id="ops")
+        erasure = finished.erasure
+        assert finished.recorded_now and ledger.erasures(name) == [erasure]
+        assert (erasure.contributor_id, erasure.removed_at) == (gone, interrupted.removal.removed_at)
+        assert erasure.images_removed == erasure.hashes_blocked == len(theirs)
+        assert erasure.removals_version == removals(index, name).version >= 2
+        assert (erasure.requested_via, erasure.requested_by, erasure.tenant_id) == (RPC, "key k1 from ipv4:10.0.0.1:1",
+                                                                                  "ops")
+        again = remove(index, ledger, name, gone, requested_via=CLI, requested_by="ops@host")
+        assert not again.recorded_now and again.erasure == erasure and ledger.erasures() == [erasure]
+        assert removals(index, name).version > erasure.removals_version  # Milvus' version moved on; the ledger did not
+        # The audit trail: the generation that credited them before is there as it was.
+        assert ledger.get("before", "tenant-1") == credited and ledger.totals() == (1, pytest.approx(0.5))
+        assert ledger.verify().ok
+
+
+def test_the_command_line_records_the_erasure_in_the_configured_ledger(milvus, index, digits, offline_components,
+                                                                       ledger_url, tmp_path):
+    """`gmv contributors remove` writes to the ledger `gmv serve` and `gmv ledger` use: the
+    data dir's SQLite file, or --ledger-url; `list` and `gmv ledger erasures` read it back."""
+    name = "contributors_cli_ledger"
+    rows = build(index, digits, offline_components, name)
+    gone = busiest(rows)
+    where = ["--data-dir", str(tmp_path)] if ledger_url.endswith(".sqlite3") else ["--ledger-url", ledger_url]
+    assert not ledger_url.endswith(".sqlite3") or ledger_url == str(tmp_path / "ledger.sqlite3")
+
+    def gmv(*args):
+        result = subprocess.run([*GMV, *args, *where], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    listed = json.loads(gmv("contributors", "list", "--collection", name, "--milvus-uri", milvus.uri, "--json"))
+    assert all(row["status"] == "active" for row in listed["contributors"])
+    first = json.loads(gmv("contributors", "remove", gone, "--collection", name, "--milvus-uri", milvus.uri, "--json"))
+    assert first["ledger_recorded_now"] and first["images_removed"] == sum(r.contributor_id == gone for r in rows)
+    text = gmv("contributors", "remove", gone, "--collection", name, "--milvus-uri", milvus.uri)
+    assert f"recorded in the ledger before, at {first['ledger_recorded_at']}" in text
+    erasures = [json.loads(line) for line in gmv("ledger", "erasures", "--json").splitlines()]
+    assert len(erasures) == 1
+    assert (erasures[0]["collection"], erasures[0]["contributor_id"], erasures[0]["requested_via"],
+            erasures[0]["images_removed"]) == (name, gone, "cli", first["images_removed"])
+    assert "@" in erasures[0]["requested_by"] and erasures[0]["tenant_id"] == ""
+    assert gone in gmv("ledger", "erasures", "--collection", name) and "0 erasure(s)" in gmv(
+        "ledger", "erasures", "--collection", "elsewhere")
+    status = {row["contributor_id"]: row for row in json.loads(gmv("contributors", "list", "--collection", name,
+                                                                   "--milvus-uri", milvus.uri, "--json"))["contributors"]}
+    assert status[gone]["status"] == "removed" and status[gone]["ledger_recorded_at"] == first["ledger_recorded_at"]
+    assert f"in the ledger since {first['ledger_recorded_at']}" in gmv("contributors", "list", "--collection", name,
+                                                                        "--milvus-uri", milvus.uri)
+
+
 @pytest.mark.e2e
 def test_a_running_server_stops_crediting_a_removed_contributor(milvus, index, digits, offline_components,
                                                                  tmp_path):
     """The judged case: after `gmv contributors remove X` on a running server, 0 of the next 100
-    attributions credit X, each still sums to q; re-ingesting X's images inserts nothing."""
+    attributions credit X, each still sums to q; re-ingesting X's images inserts nothing. Both
+    erasures are in the server's ledger, the RPC's with the admin key and tenant that asked."""
     from gmv_client import GMVClient
+    from gmv_engine.ledger import open_ledger
 
     name = "contributors_served"
     rows = build(index, digits, offline_components, name)
@@ -87,15 +160,19 @@ def test_a_running_server_stops_crediting_a_removed_contributor(milvus, index, d
     queries = own + [open(row.path, "rb").read() for row in rows if row.contributor_id != gone][:100 - len(own)]
     assert len(queries) == 100
     (tmp_path / "serve").mkdir()
+    ledger_path = tmp_path / "serve" / "ledger.sqlite3"  # the server's: its data dir's
+    with open_ledger(str(ledger_path)) as ledger:
+        admin, key = ledger.create_key("ops", ["admin"])
     server = start_server(milvus, name, tmp_path / "serve" / "serve.log", "--milvus-probe-s", "1")
     try:
-        with GMVClient(server["target"]) as client:
+        with GMVClient(server["target"], api_key=key) as client:
             credited = lambda results: sum(any(c.contributor_id == gone for c in r.credits) for r in results)  # noqa: E731
             before = [client.attribute(q, generation_id=f"before-{i}", record=False) for i, q in enumerate(queries)]
             assert credited(before) >= len(own)  # each of X's own images credits X
             started = time.monotonic()
             result = subprocess.run([*GMV, "contributors", "remove", gone, "--collection", name, "--milvus-uri",
-                                     milvus.uri, "--json"], capture_output=True, text=True, timeout=120)
+                                     milvus.uri, "--data-dir", str(tmp_path / "serve"), "--json"],
+                                    capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, result.stderr
             report = json.loads(result.stdout)
             assert report["images_removed"] == sum(row.contributor_id == gone for row in rows)
@@ -109,19 +186,30 @@ def test_a_running_server_stops_crediting_a_removed_contributor(milvus, index, d
             wall = time.time()
             reply = client.remove_contributor(second)
             assert (reply.collection, reply.contributor_id) == (name, second) and reply.images_removed > 0
-            assert int(wall) - 1 <= reply.removed_at.ToSeconds() <= time.time()
+            assert int(wall) - 1 <= reply.removed_at.ToSeconds() <= reply.ledger_recorded_at.ToSeconds() <= time.time()
             at_once = [client.attribute(q, generation_id=f"rpc-{i}", record=False) for i, q in enumerate(queries[:20])]
             assert not any(c.contributor_id in (gone, second) for r in at_once for c in r.credits)
     finally:
         stop_server(server)
     assert "they are credited no more" in (tmp_path / "serve" / "serve.log").read_text()
+    with open_ledger(str(ledger_path)) as ledger:
+        erasures = {e.contributor_id: e for e in ledger.erasures(name)}
+    assert set(erasures) == {gone, second}
+    assert (erasures[gone].requested_via, erasures[gone].tenant_id, erasures[gone].images_removed) == (
+        "cli", "", report["images_removed"])
+    assert (erasures[second].requested_via, erasures[second].tenant_id, erasures[second].images_removed) == (
+        "rpc", "ops", reply.images_removed)
+    assert erasures[second].requested_by.startswith(f"key {admin.key_id} from ")
+    assert erasures[second].recorded_at == pytest.approx(reply.ledger_recorded_at.ToNanoseconds() / 1e9, abs=1e-6)
 
     listing = subprocess.run([*GMV, "contributors", "list", "--collection", name, "--milvus-uri", milvus.uri,
-                              "--json"], capture_output=True, text=True, timeout=120)
+                              "--data-dir", str(tmp_path / "serve"), "--json"], capture_output=True, text=True,
+                             timeout=120)
     assert listing.returncode == 0, listing.stderr
     status = {row["contributor_id"]: row for row in json.loads(listing.stdout)["contributors"]}
     assert status[gone]["status"] == "removed" and status[gone]["images"] == 0
-    assert status[second]["status"] == "removed"
+    assert status[second]["status"] == "removed" and status[second]["ledger_recorded_at"]
+    assert status[gone]["ledger_recorded_at"] == report["ledger_recorded_at"]
     assert all(row["status"] == "active" and row["images"] > 0 for c, row in status.items() if c not in (gone, second))
 
     encoder, reranker = offline_components

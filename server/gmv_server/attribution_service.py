@@ -173,14 +173,16 @@ class AttributionService:
     def describe(self, collection: str = "") -> CollectionDescription:
         return self.descriptions[self.resolve(collection)]
 
-    async def remove_contributor(self, collection: str, contributor_id: str):
-        """A contributor's opt-out (gmv_engine.milvus.erasure), seen by this server at once."""
-        from gmv_engine.milvus.erasure import remove_contributor
+    async def remove_contributor(self, collection: str, contributor_id: str, requested_by: str, tenant_id: str = ""):
+        """A contributor's opt-out (gmv_engine.optout), seen by this server at once and recorded
+        in its ledger: (the collection, the OptOut)."""
+        from gmv_engine.optout import RPC, remove
 
         attributor = self.attributors[self.resolve(collection)]
-        removal = await asyncio.to_thread(remove_contributor, attributor.index, attributor.collection, contributor_id)
+        outcome = await asyncio.to_thread(remove, attributor.index, self.ledger, attributor.collection, contributor_id,
+                                          requested_via=RPC, requested_by=requested_by, tenant_id=tenant_id)
         await asyncio.to_thread(self.refresh_removals)
-        return attributor.collection, removal
+        return attributor.collection, outcome
 
     def list_collections(self) -> list[CollectionDescription]:
         if not self.attributors:

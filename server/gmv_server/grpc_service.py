@@ -10,7 +10,6 @@ import time
 from typing import AsyncIterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from gmv.v1 import attribution_pb2 as pb
 from gmv.v1 import attribution_pb2_grpc as pb_grpc
@@ -38,7 +37,7 @@ from .attribution_service import (
     CollectionDescription,
     WarmingUpError,
 )
-from .auth import tenant_for_attribution, tenant_for_reading
+from .auth import CALLER, tenant_for_attribution, tenant_for_reading
 from .batcher import DeadlinePassedError, QueueFullError, ShuttingDownError
 from .logs import generation_id as current_generation_id
 
@@ -232,18 +231,25 @@ class GrpcAttributionService(pb_grpc.AttributionServiceServicer):
         return pb.ListCollectionsResponse(collections=[to_index_info(d) for d in descriptions])
 
     async def RemoveContributor(self, request, context) -> pb.RemoveContributorResponse:
+        caller = CALLER.get()  # recorded with the erasure: who asked, as what tenant, from where
+        requested_by = f"{caller.credential if caller else 'no credential (open server)'} from {context.peer()}"
         try:
-            collection, removal = await self.service.remove_contributor(request.collection, request.contributor_id)
+            collection, outcome = await self.service.remove_contributor(
+                request.collection, request.contributor_id, requested_by, caller.tenant_id if caller else "")
         except Exception as exc:  # noqa: BLE001
             await self._fail("RemoveContributor", context, exc, request.collection)
+        removal, erasure = outcome.removal, outcome.erasure
         self._count("RemoveContributor", grpc.StatusCode.OK, collection)
-        log.info("contributor '%s' removed from '%s': %d images, %d hashes blocked", loggable(removal.contributor_id),
-                 collection, removal.rows, removal.hashes_blocked)
-        removed_at = Timestamp()
-        removed_at.FromNanoseconds(int(removal.removed_at * 1e9))
-        return pb.RemoveContributorResponse(collection=collection, contributor_id=removal.contributor_id,
-                                            images_removed=removal.rows, hashes_blocked=removal.hashes_blocked,
-                                            removed_at=removed_at)
+        log.info("contributor '%s' removed from '%s' by %s: %d images, %d hashes blocked; erasure %s",
+                 loggable(removal.contributor_id), collection, loggable(requested_by), removal.rows,
+                 removal.hashes_blocked, "recorded in the ledger" if outcome.recorded_now else
+                 "recorded in the ledger before" if erasure else "not recorded (no ledger)")
+        reply = pb.RemoveContributorResponse(collection=collection, contributor_id=removal.contributor_id,
+                                             images_removed=removal.rows, hashes_blocked=removal.hashes_blocked)
+        reply.removed_at.FromNanoseconds(int(removal.removed_at * 1e9))
+        if erasure is not None:
+            reply.ledger_recorded_at.FromNanoseconds(int(erasure.recorded_at * 1e9))
+        return reply
 
     async def _ledger_query(self, method: str, request, context, query):
         """Run `query(window)` on the service: (items, generations, total credit), or None

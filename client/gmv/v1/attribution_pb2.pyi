@@ -30,18 +30,20 @@ class RemoveContributorRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., contributor_id: _Optional[str] = ...) -> None: ...
 
 class RemoveContributorResponse(_message.Message):
-    __slots__ = ("collection", "contributor_id", "images_removed", "hashes_blocked", "removed_at")
+    __slots__ = ("collection", "contributor_id", "images_removed", "hashes_blocked", "removed_at", "ledger_recorded_at")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_REMOVED_FIELD_NUMBER: _ClassVar[int]
     HASHES_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
     collection: str
     contributor_id: str
     images_removed: int
     hashes_blocked: int
     removed_at: _timestamp_pb2.Timestamp
-    def __init__(self, collection: _Optional[str] = ..., contributor_id: _Optional[str] = ..., images_removed: _Optional[int] = ..., hashes_blocked: _Optional[int] = ..., removed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    ledger_recorded_at: _timestamp_pb2.Timestamp
+    def __init__(self, collection: _Optional[str] = ..., contributor_id: _Optional[str] = ..., images_removed: _Optional[int] = ..., hashes_blocked: _Optional[int] = ..., removed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ledger_recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
     __slots__ = ("generation_id", "image", "top_k", "tenant_id", "skip_ledger", "collection")

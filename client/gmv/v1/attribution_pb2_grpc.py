@@ -126,7 +126,8 @@ class AttributionServiceServicer:
         """Admin only: a contributor's opt-out. Every training image of theirs leaves the served
         collection (recall index and re-rank store), their content hashes are blocked from
         re-ingest, and no server credits them any more (each reads removals every few seconds;
-        this one at once). Past ledger records stay. Running it again finishes an interrupted one.
+        this one at once). The erasure is recorded in the server's ledger, once: with the caller's
+        credential and tenant. Past ledger records stay. Running it again finishes an interrupted one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
