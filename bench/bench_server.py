@@ -1,13 +1,15 @@
 """Serving benchmark: latency (p50/p99) and throughput of `gmv serve` against client
 concurrency and the dynamic batcher's max batch size, over real sockets.
 
-    .venv/bin/python bench/bench_server.py [--requests 96] [--batch-sizes 1,8,32] [--concurrency 1,8,32]
+    .venv/bin/python bench/bench_server.py [--requests 96] [--batch-sizes 1,8,32] [--concurrency 1,8,32] [--rounds 1]
 
 Starts a fresh embedded Milvus, indexes the digits with the offline profile (unless
 --profile), then for each max batch size starts a server and drives it with N client
 threads, each with its own channel, sending PNG bytes through the Python client SDK.
 Every request has a new generation_id, so each is computed and, unless the cell's ledger
-column says "skip" (skip_ledger: previews), recorded in the server's SQLite ledger.
+column says "skip" (skip_ledger: previews), recorded in the server's SQLite ledger. With
+--rounds N every cell is run N times on the same server, in turn, and the median throughput of
+each is printed after the table (on a shared machine, compare medians).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ledger", default="record,skip", help="record: ids recorded in the ledger; skip: previews")
+    parser.add_argument("--rounds", type=int, default=1, help="run every cell this many times, in turn")
     args = parser.parse_args()
 
     from gmv_engine.datasets import read_heldout
@@ -54,17 +57,25 @@ def main() -> None:
               "clients on the same machine (they share its CPUs with the server)\n")
         print("| max batch | clients | ledger | p50 ms | p99 ms | throughput gen/s | mean batch size |")
         print("|---:|---:|---|---:|---:|---:|---:|")
+        throughputs: dict[tuple[int, int, str], list[float]] = {}
         for max_batch in [int(b) for b in args.batch_sizes.split(",")]:
             port, metrics_port = free_port(), free_port()
             flags = ("--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch),
                      "--max-queue-delay-ms", str(args.max_queue_delay_ms))
             with serving(bench, "bench_serve", port, *flags, warm=images[:16]) as target:
-                for clients in [int(c) for c in args.concurrency.split(",")]:
-                    for mode in args.ledger.split(","):
-                        _cell(target, metrics_port, images, max_batch, clients, args.requests, mode == "record")
+                for _ in range(args.rounds):
+                    for clients in [int(c) for c in args.concurrency.split(",")]:
+                        for mode in args.ledger.split(","):
+                            throughputs.setdefault((max_batch, clients, mode), []).append(
+                                _cell(target, metrics_port, images, max_batch, clients, args.requests, mode == "record"))
+        if args.rounds > 1:
+            print(f"\nmedian throughput over {args.rounds} rounds (gen/s):")
+            for (max_batch, clients, mode), values in throughputs.items():
+                print(f"- max batch {max_batch}, {clients} clients, {mode}: {statistics.median(values):.1f} "
+                      f"({', '.join(f'{v:.1f}' for v in values)})")
 
 
-def _cell(target, metrics_port, images, max_batch, clients, total, record: bool) -> None:
+def _cell(target, metrics_port, images, max_batch, clients, total, record: bool) -> float:
     from gmv_client import GMVClient
 
     per_client = max(1, total // clients)
@@ -90,6 +101,7 @@ def _cell(target, metrics_port, images, max_batch, clients, total, record: bool)
     print(f"| {max_batch} | {clients} | {'record' if record else 'skip'} | {1000 * statistics.median(latencies):.1f} | "
           f"{1000 * float(np.percentile(latencies, 99)):.1f} | {len(latencies) / wall:.0f} | {done / batches:.1f} |",
           flush=True)
+    return len(latencies) / wall
 
 
 if __name__ == "__main__":
