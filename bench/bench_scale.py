@@ -161,6 +161,8 @@ def engine(args) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
         results.append(result)
         print(json.dumps(result), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
     print_engine(results)
 
 
@@ -247,6 +249,51 @@ def print_engine(results: list[dict]) -> None:
     for r in results:
         print(f"| {r['rows']:,} | " + " | ".join(
             f"{r['recall'][n]:.3f} / {r['faiss']['recall'][n]:.3f}" for n in NPROBES) + " |")
+
+
+def plot(args) -> None:
+    """The curves of docs/SCALE.md, from `engine --json` results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(Path(args.json).read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r["rows"] for r in results]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        line = ax.plot(NPROBES, [r["recall"][str(n)] for n in NPROBES], marker="o", label=f"Milvus {r['rows']:,}")
+        ax.plot(NPROBES, [r["faiss"]["recall"][str(n)] for n in NPROBES], linestyle="--",
+                color=line[0].get_color(), label=f"faiss {r['rows']:,}")
+    ax.set(xscale="log", xlabel="nprobe", ylabel="exact top-10 inside top K'=100", title="IVF_PQ recall")
+    ax.set_xticks(NPROBES, [str(n) for n in NPROBES])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "recall.png", dpi=110)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(rows, [r["build_s"] for r in results], marker="o", label="Milvus (finish(): built and served)")
+    axes[0].plot(rows, [r["faiss"]["build_s"] for r in results], marker="o", linestyle="--", label="faiss train+add")
+    axes[0].set(title="IVF_PQ build, s", xlabel="rows")
+    for nq in ("1", "32"):
+        axes[1].plot(rows, [r["search"][nq][0] for r in results], marker="o", label=f"Milvus nq={nq} p50")
+        axes[1].plot(rows, [r["faiss"]["search"][nq][0] for r in results], marker="o", linestyle="--",
+                     label=f"faiss nq={nq} p50")
+    axes[1].set(title="search at nprobe 32, ms", xlabel="rows", yscale="log")
+    axes[2].plot(rows, [r["fetch_store"][0] for r in results], marker="o", label="feature store p50")
+    if all("fetch_milvus" in r for r in results):
+        axes[2].plot(rows, [r["fetch_milvus"][0] for r in results], marker="o", linestyle="--",
+                     label="Milvus collection p50")
+    axes[2].set(title="fetch 100 re-rank features, ms", xlabel="rows", yscale="log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    print(f"wrote {out / 'recall.png'} and {out / 'curves.png'}")
 
 
 # -- served ----------------------------------------------------------------------------------
@@ -336,6 +383,10 @@ def main() -> None:
     e.add_argument("--dim", type=int, default=768)
     e.add_argument("--milvus-features", action="store_true", help="also time fetching from a Milvus collection")
     e.add_argument("--workdir", default=None)
+    e.add_argument("--json", help="also write the results here (for `plot`)")
+    p = commands.add_parser("plot", help="draw docs/scale/*.png from an `engine --json` file")
+    p.add_argument("json")
+    p.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "scale"))
     s = commands.add_parser("served")
     s.add_argument("--rows", type=int, default=100_000)
     s.add_argument("--queries", type=int, default=640)
@@ -344,7 +395,7 @@ def main() -> None:
     s.add_argument("--images", default=str(Path(tempfile.gettempdir()) / "gmv-bench-ingest"))
     s.add_argument("--workdir", default=None)
     args = parser.parse_args()
-    engine(args) if args.command == "engine" else served(args)
+    {"engine": engine, "served": served, "plot": plot}[args.command](args)
 
 
 if __name__ == "__main__":
