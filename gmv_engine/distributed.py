@@ -373,6 +373,7 @@ def _ingest_on_ray(ray, index: TrainingIndex, collection: str, rows: Sequence[So
     plan = []
     for start in range(0, len(scanned), planner.chunk_rows):
         plan += planner.plan(scanned[start:start + planner.chunk_rows])
+    report.seconds["scan"] = time.monotonic() - started  # the distributed build's own: create, scan and plan
     log.info("%d rows scanned in %.1f s: %d to embed (%d already present, %d duplicates, %d bad)", len(rows),
              time.monotonic() - started, len(plan), report.already_present, report.duplicates, len(report.bad))
     if plan:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +307,31 @@ def test_worker_node_killed_mid_build_still_gives_every_row_once(index, ray_clus
     assert index.count(name) == ROWS
     index.drop(name)
     ray_cluster.workers[1] = ray_cluster.add_node(num_cpus=1)  # whole again for whoever comes next
+
+
+def test_the_rayjob_runs_a_build_gmv_accepts_on_an_image_with_the_extra():
+    """deploy/ray/rayjob.yaml: a KubeRay RayJob whose entrypoint is a `gmv index build
+    --executor ray` this CLI parses, on a head that does no work, with GPU workers."""
+    import shlex
+
+    import yaml
+    from gmv_server.cli import build_parser
+
+    from gmv_engine.settings import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "deploy" / "ray" / "rayjob.yaml").read_text()
+    job = yaml.safe_load(text)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "gmv"
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.index_command, args.executor, args.ray_address) == ("index", "build", "ray", "auto")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert {name.removeprefix("GMV_").lower() for name in env} <= set(Settings.__dataclass_fields__)
+    dockerfile = (root / "deploy" / "Dockerfile").read_text()
+    assert "EXTRAS=distributed" in text and 'ARG EXTRAS=""' in dockerfile and "${EXTRAS:+[$EXTRAS]}" in dockerfile
