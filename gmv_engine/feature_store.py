@@ -39,6 +39,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 KEYS, FEATURES = ".pk.npy", ".f16.npy"
+MERGED_ROWS = 262_144  # compaction merges shards up to this many rows (1.5 GiB of 3,072 float16)
 REMOTE_LIST_EVERY_S = 2.0  # a replica lists a remote store for new shards at most this often
 
 
@@ -190,8 +191,10 @@ class FeatureStore:
             (self._dir(collection) / (shard + suffix)).unlink(missing_ok=True)
 
     def compact(self, collection: str, max_shards: int = 8) -> bool:
-        """Merge the shards into one when there are more than max_shards (each shard costs a
-        mapped file per reader; ingest writes one per insert call). True when merged."""
+        """Merge small shards when there are more than max_shards (each shard costs every
+        reader a mapped file; ingest writes one per insert call), into shards of up to
+        MERGED_ROWS rows, streamed through a memory map (never the whole matrix in memory).
+        True when anything was merged."""
         if len(self._shards(collection, refresh_remote=True)) <= max_shards:
             return False
         with self._rewriting(collection):
@@ -201,18 +204,51 @@ class FeatureStore:
         shards = self._shards(collection, refresh_remote=True)
         if len(shards) <= max_shards:
             return False
-        keys = [self._read_keys(collection, shard) for shard in shards]
-        matrices = [np.load(self._local_file(collection, shard, FEATURES), mmap_mode="r") for shard in shards]
-        merged_keys = np.concatenate(keys)
-        unique, first = np.unique(merged_keys, return_index=True)
-        merged = np.concatenate(matrices)[np.sort(first)] if len(unique) < len(merged_keys) else np.concatenate(matrices)
-        self.append(collection, merged_keys[np.sort(first)].tolist(), merged)
-        del matrices
+        groups, group, rows = [], [], 0
         for shard in shards:
-            self._delete_shard(collection, shard)
+            keys = self._read_keys(collection, shard)
+            if group and rows + len(keys) > MERGED_ROWS:
+                groups.append(group)
+                group, rows = [], 0
+            group.append((shard, keys))
+            rows += len(keys)
+        groups.append(group)
+        merged = False
+        for group in groups:
+            if len(group) < 2:
+                continue
+            self._merge(collection, group)
+            merged = True
         with self._lock:
             self._views.pop(collection, None)
-        return True
+        return merged
+
+    def _merge(self, collection: str, group: list[tuple[str, np.ndarray]]) -> None:
+        keys = np.concatenate([k for _, k in group])
+        _, first = np.unique(keys, return_index=True)  # a key written twice (a resumed run) once
+        keep = np.zeros(len(keys), bool)
+        keep[first] = True
+        dim = np.load(self._local_file(collection, group[0][0], FEATURES), mmap_mode="r").shape[1]
+        name = _shard_name()
+        folder = self._dir(collection)
+        tmp = folder / f".{name}{FEATURES}.tmp"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(keep.sum()), dim))
+        row = offset = 0
+        for shard, shard_keys in group:
+            mine = keep[offset:offset + len(shard_keys)]
+            matrix = np.load(self._local_file(collection, shard, FEATURES), mmap_mode="r")
+            n = int(mine.sum())
+            out[row:row + n] = matrix[mine]
+            row, offset = row + n, offset + len(shard_keys)
+            del matrix
+        out.flush()
+        del out
+        os.replace(tmp, folder / (name + FEATURES))
+        _write_npy(folder / (name + KEYS), keys[keep])
+        if self.remote:
+            self._put_remote(collection, name, keys[keep], np.load(folder / (name + FEATURES), mmap_mode="r"))
+        for shard, _ in group:
+            self._delete_shard(collection, shard)
 
     # -- reading --------------------------------------------------------------------------
     def _shards(self, collection: str, refresh_remote: bool = False) -> list[str]:

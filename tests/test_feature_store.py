@@ -35,8 +35,10 @@ def test_remove_deletes_only_those_keys_and_compaction_keeps_the_rest(tmp_path):
         store.append("c", keys[start:start + 50], features[start:start + 50])
     assert store.remove("c", keys[:75].tolist() + [99]) == 75
     assert store.get("c", keys[:75]) == {} and len(store.get("c", keys[75:])) == 925
+    store.append("c", keys[500:510], features[500:510])  # written again by a resumed run
     assert store.compact("c", max_shards=4)
     assert len(store._shards("c")) == 1 and store.count("c") == 925
+    assert len(np.load(next((tmp_path / "c").glob("*.pk.npy")))) == 925  # merged once each
     np.testing.assert_allclose(store.get("c", [keys[500]])[int(keys[500])], features[500], atol=1e-3)
     store.drop("c")
     assert store.get("c", keys) == {} and not (tmp_path / "c").exists()
@@ -51,9 +53,10 @@ def test_a_reader_sees_each_shard_whole_while_a_writer_appends_and_removes(tmp_p
     expected = {int(k): f.astype(np.float16).astype(np.float32) for k, f in zip(keys, features)}
     writer, reader = FeatureStore(tmp_path), FeatureStore(tmp_path)
     doomed = set(keys[:200].tolist())
-    problems, seen, done = [], set(), threading.Event()
+    problems, done = [], threading.Event()
 
     def read():
+        seen = set()  # per reader: another thread's read may have begun before a shard landed
         while not done.is_set():
             got = reader.get("c", keys.tolist())
             for key, row in got.items():
