@@ -41,21 +41,40 @@ def ray_or_skip():
     return ray
 
 
+def retried(start, tries: int = 3):
+    """start() again when Ray times out starting a node: it gives a new raylet a fixed 30 s to
+    register with the GCS, which a machine loaded by other work can miss."""
+    for attempt in range(tries):
+        try:
+            return start()
+        except Exception:  # Ray raises a bare Exception for the timeout
+            if attempt == tries - 1:
+                raise
+
+
+def start_cluster(workers: int, **head):
+    """A ray.cluster_utils.Cluster: a head node with no CPU (the driver's) and `workers` nodes of one CPU."""
+    from ray.cluster_utils import Cluster
+
+    cluster = retried(lambda: Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                           **head}))
+    try:
+        cluster.workers = [retried(lambda: cluster.add_node(num_cpus=1)) for _ in range(workers)]
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A head node with no CPU (the driver's) and two worker nodes of one CPU each; this test
     process is connected as a driver. Dead nodes are noticed after ~5 s of missed checks."""
     ray = ray_or_skip()
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}})
+    cluster = start_cluster(2, _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 5})
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
-        cluster.workers = workers
         yield cluster
     finally:
         ray.shutdown()
@@ -306,7 +325,7 @@ def test_worker_node_killed_mid_build_still_gives_every_row_once(index, ray_clus
     assert stored_rows(index, name) == stored_rows(index, local_build[0])
     assert index.count(name) == ROWS
     index.drop(name)
-    ray_cluster.workers[1] = ray_cluster.add_node(num_cpus=1)  # whole again for whoever comes next
+    ray_cluster.workers[1] = retried(lambda: ray_cluster.add_node(num_cpus=1))  # whole again for whoever comes next
 
 
 def test_the_rayjob_runs_a_build_gmv_accepts_on_an_image_with_the_extra():
