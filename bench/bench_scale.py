@@ -319,7 +319,7 @@ def served(args) -> None:
           f"{os.cpu_count()} CPUs; {args.queries} held-out queries per pass; clients on the same machine\n")
     print("| features in | clients | cache | p50 ms | p99 ms | generations/s |")
     print("|---|---:|---|---:|---:|---:|")
-    workdir = Path(tempfile.mkdtemp(prefix="gmv-scale-served-", dir=args.workdir))
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gmv-scale-served-", dir=args.workdir))
     try:
         with EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
             for store in args.stores.split(","):
@@ -328,8 +328,8 @@ def served(args) -> None:
                 name = f"scale_{store}"
                 start = time.perf_counter()
                 report = ingest(index, name, source, info, encoder, reranker, progress=False)
-                print(f"<!-- {store}: {report.inserted} rows ingested in {time.perf_counter() - start:.0f} s -->",
-                      flush=True)
+                print(f"<!-- {store}: {report.inserted} rows ingested ({report.duplicates} there already) in "
+                      f"{time.perf_counter() - start:.0f} s -->", flush=True)
                 index.close()
                 for clients in [int(c) for c in args.clients.split(",")]:
                     dropped = drop_page_cache()
@@ -352,7 +352,8 @@ def served(args) -> None:
                         server.terminate()
                         server.wait(timeout=60)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def drive(target: str, queries: list[tuple[str, bytes]], clients: int) -> tuple[float, float, float]:
@@ -394,6 +395,8 @@ def main() -> None:
     s.add_argument("--clients", default="32")
     s.add_argument("--images", default=str(Path(tempfile.gettempdir()) / "gmv-bench-ingest"))
     s.add_argument("--workdir", default=None)
+    s.add_argument("--keep", help="a folder kept after the run (Milvus, features): a second run with the same "
+                                  "folder serves what the first built (ingest finds every row there already)")
     args = parser.parse_args()
     {"engine": engine, "served": served, "plot": plot}[args.command](args)
 
