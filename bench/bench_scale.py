@@ -328,7 +328,7 @@ def served(args) -> None:
                 name = f"scale_{store}"
                 start = time.perf_counter()
                 report = ingest(index, name, source, info, encoder, reranker, progress=False)
-                print(f"<!-- {store}: {report.inserted} rows ingested ({report.duplicates} there already) in "
+                print(f"<!-- {store}: {report.inserted} rows ingested ({report.already_present} there already) in "
                       f"{time.perf_counter() - start:.0f} s -->", flush=True)
                 index.close()
                 for clients in [int(c) for c in args.clients.split(",")]:
