@@ -213,7 +213,7 @@ def test_distributed_build_gives_the_local_collection(index, ray_cluster, traini
     for pk, feature in features.items():
         np.testing.assert_array_equal(feature, reference[pk])
 
-    queries = [load_image_file(path)[0] for path, _, _ in read_heldout(digits.heldout)[:40]]
+    queries = [load_image_file(path)[0] for path, _, _ in read_heldout(digits.heldout)[:100]]
     for ours, theirs in zip(Attributor(index, name, Settings()).attribute(queries, top_k=10),
                             Attributor(index, local_name, Settings()).attribute(queries, top_k=10)):
         assert [(c.rank, c.training_id, c.contributor_id) for c in ours.credits] == \
