@@ -62,7 +62,8 @@ def start_cluster(workers: int, **head):
     return cluster
 
 
-def build(kind: str, workers: int, index, manifest: Path, rows: int, components, batch_size: int) -> dict:
+def build(kind: str, workers: int, index, manifest: Path, rows: int, components, batch_size: int,
+          keep: bool = False) -> dict:
     from gmv_engine.ingest import ingest, read_manifest
     from gmv_engine.milvus.index import CollectionInfo
 
@@ -89,9 +90,41 @@ def build(kind: str, workers: int, index, manifest: Path, rows: int, components,
             cluster.shutdown()
     total = time.perf_counter() - start
     assert report.inserted == rows and not report.bad, (report.summary(), report.bad[:3])
-    index.drop(name)
+    if not keep:
+        index.drop(name)
     return {"kind": kind, "workers": workers, "rows": rows, "rows_s": report.seconds["rows"],
-            "scan_s": report.seconds.get("scan"), "total_s": total}
+            "scan_s": report.seconds.get("scan"), "total_s": total, "name": name, "report": report}
+
+
+def compare(index, ours: str, theirs: str, queries: list) -> str:
+    """Whether two builds of the same images made the same collection: rows, recall vectors,
+    re-rank features, and the top-10 credits of `queries` (PIL images) through Attributor."""
+    import numpy as np
+
+    from gmv_engine.pipeline import Attributor
+    from gmv_engine.settings import Settings
+
+    def rows(name):
+        found = index.client.query(name, filter="", output_fields=["training_id", "contributor_id", "content_hash",
+                                                                   "metadata"], limit=16384, consistency_level="Strong")
+        return {row["training_id"]: (row["contributor_id"], row["content_hash"], row["metadata"]) for row in found}
+
+    a, b = rows(ours), rows(theirs)
+    vectors_a, vectors_b = index.sample_rows(ours, 16384), index.sample_rows(theirs, 16384)
+    vector_diff = max(float(np.abs(vectors_a[pk] - vectors_b[pk]).max()) for pk in vectors_a)
+    features_a, features_b = index.fetch_features(ours, vectors_a), index.fetch_features(theirs, vectors_a)
+    features_same = features_a.keys() == features_b.keys() and all(
+        np.array_equal(features_a[pk], features_b[pk]) for pk in features_a)
+    same_top = same_credit = 0
+    for x, y in zip(Attributor(index, ours, Settings()).attribute(queries, top_k=10),
+                    Attributor(index, theirs, Settings()).attribute(queries, top_k=10)):
+        same_top += [(c.training_id, c.contributor_id) for c in x.credits] == \
+            [(c.training_id, c.contributor_id) for c in y.credits]
+        same_credit += np.allclose([c.credit for c in x.credits], [c.credit for c in y.credits], rtol=1e-5)
+    return (f"{ours} vs {theirs}: rows {len(a)} / {len(b)}, identical rows (id, contributor, hash, metadata): "
+            f"{a == b}; recall vectors {len(vectors_a)} / {len(vectors_b)}, largest difference {vector_diff:.2e}; "
+            f"re-rank features identical: {features_same}; top-10 (ids and contributors) identical for {same_top} of "
+            f"{len(queries)} queries, credits equal within 1e-5 for {same_credit}")
 
 
 def main() -> None:
@@ -100,6 +133,9 @@ def main() -> None:
     parser.add_argument("--profile", default="offline")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--runs", default="ray1,ray2,local", help="comma-separated: local, ray1, ray2")
+    parser.add_argument("--compare", action="store_true",
+                        help="keep the collections and compare each with the first run's: rows, vectors, features, "
+                             "top-10 credits of 100 held-out images")
     parser.add_argument("--images", help="folder for the generated PNGs (default: a temporary folder of its own, reused)")
     args = parser.parse_args()
 
@@ -110,7 +146,7 @@ def main() -> None:
     from gmv_engine.rerankers import create_reranker
 
     images = Path(args.images) if args.images else Path(tempfile.gettempdir()) / "gmv-bench-distributed"
-    manifest = make_images(images, args.rows)
+    manifest = make_images(images, args.rows + 100)  # 100 more: held-out queries for --compare
     profile = get_profile(args.profile)
     components = (create_encoder(profile.encoder, "cpu"), create_reranker(profile.reranker, "cpu"), profile.name)
     workdir = Path(tempfile.mkdtemp(prefix="gmv-bench-distributed-"))
@@ -126,8 +162,18 @@ def main() -> None:
             results = []
             for run in args.runs.split(","):
                 kind, workers = ("local", 0) if run == "local" else ("ray", int(run[3:]))
-                results.append(build(kind, workers, index, manifest, args.rows, components, args.batch_size))
-                print(f"<!-- {results[-1]} -->", file=sys.stderr, flush=True)
+                results.append(build(kind, workers, index, manifest, args.rows, components, args.batch_size,
+                                     keep=args.compare))
+                shown = {k: v for k, v in results[-1].items() if k != "report"}
+                print(f"<!-- {shown} -->", file=sys.stderr, flush=True)
+            if args.compare:
+                from gmv_engine.decode import load_image_file
+                from gmv_engine.ingest import read_manifest
+
+                queries = [load_image_file(row.path)[0] for row in read_manifest(manifest)[args.rows:args.rows + 100]]
+                names = [r["name"] for r in results]
+                for other in names[1:]:
+                    print(compare(index, other, names[0], queries), flush=True)
             local = next((r for r in results if r["kind"] == "local"), None)
             for r in results:
                 overhead = (f"{1000 * (r['rows_s'] - local['rows_s']) / r['rows']:.2f}"

@@ -207,8 +207,7 @@ def decode_batch(batch: dict, limits: ImageLimits) -> dict:
     images, problems = [], []
     for i in range(len(batch["seq"])):
         try:
-            image, data = read_image(str(batch["path"][i]) if is_uri(str(batch["path"][i])) else
-                                     Path(str(batch["path"][i])), limits)
+            image, data = read_image(str(batch["path"][i]), limits)
         except InvalidImageError as exc:
             images.append(np.zeros((1, 1, 3), np.uint8))
             problems.append(f"{exc} (in the embed stage, after the scan had read it)")
@@ -238,7 +237,7 @@ class Embedder:
         from PIL import Image
 
         ok = [i for i, problem in enumerate(batch["problem"]) if not problem]
-        images = [Image.fromarray(batch["image"][i], "RGB") for i in ok]
+        images = [Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)) for i in ok]  # H x W x 3: RGB
         rows = len(batch["seq"])
         embeddings = np.zeros((rows, self.encoder.dim), np.float32)
         features = np.zeros((rows, self.reranker.feature_dim), np.float32)
@@ -370,15 +369,19 @@ def _ingest_on_ray(ray, index: TrainingIndex, collection: str, rows: Sequence[So
     created = index.create(collection, info, index_params, expected_rows=len(rows), load_new=False)
     planner = Planner(index, collection, created, report, batch_size, started)
     scanned = _scan(ray, rows, limits, progress) if rows else []
-    plan = []
+    plan: list[_Loaded] = []
+    groups: list[range] = []  # the rows of each inserter.add() call of the local build, as plan positions
     for start in range(0, len(scanned), planner.chunk_rows):
-        plan += planner.plan(scanned[start:start + planner.chunk_rows])
+        to_embed = planner.plan(scanned[start:start + planner.chunk_rows])
+        for first in range(0, len(to_embed), max(1, batch_size)):
+            groups.append(range(len(plan) + first, len(plan) + min(first + max(1, batch_size), len(to_embed))))
+        plan += to_embed
     report.seconds["scan"] = time.monotonic() - started  # the distributed build's own: create, scan and plan
     log.info("%d rows scanned in %.1f s: %d to embed (%d already present, %d duplicates, %d bad)", len(rows),
              time.monotonic() - started, len(plan), report.already_present, report.duplicates, len(report.bad))
     if plan:
-        _embed_and_write(ray, index, collection, plan, report, encoder, reranker, batch_size, limits, progress,
-                         options, replace_features=not created)
+        _embed_and_write(ray, index, collection, plan, groups, report, encoder, reranker, batch_size, limits,
+                         progress, options, replace_features=not created)
     report.seconds["rows"] = time.monotonic() - started
     return finish_build(index, collection, reranker, report, progress, index_timeout_s)
 
@@ -394,9 +397,13 @@ def _actors(ray, options: RayOptions) -> tuple[int, float]:
     return (gpus, 1.0) if gpus else (max(1, int(resources.get("CPU", 1))), 0.0)
 
 
-def _embed_and_write(ray, index: TrainingIndex, collection: str, plan: list[_Loaded], report: IngestReport, encoder,
-                     reranker, batch_size: int, limits: ImageLimits, progress: bool, options: RayOptions,
-                     replace_features: bool) -> None:
+def _embed_and_write(ray, index: TrainingIndex, collection: str, plan: list[_Loaded], groups: list[range],
+                     report: IngestReport, encoder, reranker, batch_size: int, limits: ImageLimits, progress: bool,
+                     options: RayOptions, replace_features: bool) -> None:
+    """Embed the plan on the cluster and insert it in plan order, in the local build's groups:
+    the same insert calls with the same rows in the same order, so Milvus cuts the same segments
+    and trains the same IVF_PQ quantizers as for the local build (10k rows inserted in another
+    order gave other top-10s for a third of the queries: docs/SCALE.md)."""
     actors, gpus = _actors(ray, options)
     shard_rows = max(1, options.shard_rows)
     shards = math.ceil(len(plan) / shard_rows)
@@ -404,6 +411,9 @@ def _embed_and_write(ray, index: TrainingIndex, collection: str, plan: list[_Loa
     decode_args = {"num_cpus": 1} if gpus else {}  # with GPUs decoding runs as CPU tasks; else inside the actors
     # Blocks of at most a shard, and enough of them to keep every actor busy (Ray retries a block as a whole).
     blocks = min(len(plan), max(shards, 4 * actors))
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # blocks come back in plan order: little waits in `arrived`
     dataset = (ray.data.from_items(items, override_num_blocks=blocks)
                .map_batches(decode_batch, fn_kwargs={"limits": limits}, batch_size=max(1, batch_size),
                             batch_format="numpy", **decode_args)
@@ -415,6 +425,8 @@ def _embed_and_write(ray, index: TrainingIndex, collection: str, plan: list[_Loa
     log.info("embedding %d rows in %d shards on %d actor(s)%s", len(plan), shards, actors,
              " with a GPU each" if gpus else " on CPUs")
     received = np.zeros(len(plan), dtype=bool)
+    arrived: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}  # seq -> (embedding, feature), None: bad row
+    next_group = 0
     bar = _Progress(ray, len(plan), f"indexing {collection} on Ray", progress, shards=shards)
     inserter = _Inserter(index, collection, report, bar.bar, replace_features=replace_features)
     left_in_shard = [min(shard_rows, len(plan) - shard * shard_rows) for shard in range(shards)]
@@ -429,34 +441,43 @@ def _embed_and_write(ray, index: TrainingIndex, collection: str, plan: list[_Loa
     repeats = 0
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            keep, failed = [], 0
+            new = 0
             for i, seq in enumerate(batch["seq"]):
                 seq = int(seq)
                 if received[seq]:
                     repeats += 1  # a retried task's output delivered again: kept once
                     continue
-                received[seq] = True
+                received[seq], new = True, new + 1
                 problem = str(batch["problem"][i])
                 if problem:
                     report.bad.append(BadRow(plan[seq].row.where, plan[seq].row.training_id, problem))
                     bar.failures += 1
-                    failed += 1
-                    settle(seq // shard_rows)
-                    continue
-                keep.append(i)
-            if keep:
-                inserter.add([training_row(plan[int(batch["seq"][i])]) for i in keep],
-                             np.asarray(batch["embedding"][keep], dtype=np.float32),
-                             np.asarray(batch["feature"][keep], dtype=np.float32).reshape(len(keep), -1))
-                queued.extend(int(batch["seq"][i]) // shard_rows for i in keep)
+                    arrived[seq] = None
+                else:
+                    arrived[seq] = (np.asarray(batch["embedding"][i], dtype=np.float32),
+                                    np.asarray(batch["feature"][i], dtype=np.float32).reshape(-1))
+            # Every group whose rows are all here goes to the inserter, in plan order.
+            while next_group < len(groups) and all(seq in arrived for seq in groups[next_group]):
+                done = [(seq, arrived.pop(seq)) for seq in groups[next_group]]
+                keep = [(seq, vectors) for seq, vectors in done if vectors is not None]
+                for seq, vectors in done:
+                    if vectors is None:
+                        settle(seq // shard_rows)
+                if keep:
+                    inserter.add([training_row(plan[seq]) for seq, _ in keep],
+                                 np.stack([vectors[0] for _, vectors in keep]),
+                                 np.stack([vectors[1] for _, vectors in keep]))
+                    queued.extend(seq // shard_rows for seq, _ in keep)
+                next_group += 1
             while queued and committed < report.inserted:
                 committed += 1
                 settle(queued.popleft())
-            bar.update(len(keep) + failed, inserted=report.inserted)
+            bar.update(new, inserted=report.inserted)
         inserter.close()
         while queued:
             settle(queued.popleft())
     finally:
+        context.execution_options.preserve_order = preserve_order
         inserter.shutdown()
         bar.close()
     if repeats:
