@@ -15,6 +15,12 @@ build, the overhead per row against the local build (ms), and seconds end to end
 IVF_PQ build and the calibration, which are the same code in both). Every run must insert the
 same N rows.
 
+With --compare the collections are kept and each is compared with the first run's: rows,
+recall vectors, re-rank features, and the top-10 credits of 100 held-out images, both through
+`Attributor` in this process and through a real `gmv serve` subprocess per collection (on this
+Milvus, with the feature store the collections were built with and a ledger of its own),
+queried through the Python SDK (`gmv_client.GMVClient`, record=False).
+
 On a 2-core machine the driver, Milvus and the Ray workers share the same two cores, so this
 measures what Ray adds per row (scheduling, serialisation, the second read), not how a cluster
 scales; docs/SCALE.md ("Distributed build") says what follows for 10M-1B images.
@@ -96,6 +102,61 @@ def build(kind: str, workers: int, index, manifest: Path, rows: int, components,
             "scan_s": report.seconds.get("scan"), "total_s": total, "name": name, "report": report}
 
 
+def served_top10(milvus_uri: str, feature_store: str, collection: str, queries: list[bytes]) -> list[list[tuple]]:
+    """The top-10 credits of `queries` (image bytes) through a `gmv serve` subprocess serving
+    `collection` on `milvus_uri`, asked through the Python SDK: per query, its credits as
+    (training_id, contributor_id, credit) in rank order. The server is stopped after."""
+    import signal
+    import subprocess
+
+    from gmv_client import GMVClient
+    from gmv_engine.milvus.embedded import free_port
+
+    port = free_port()
+    ledger = tempfile.mkdtemp(prefix="gmv-bench-distributed-ledger-")
+    log = Path(ledger) / "serve.log"
+    with log.open("ab") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--host", "127.0.0.1",
+             "--port", str(port), "--milvus-uri", milvus_uri, "--feature-store", feature_store, "--device", "cpu",
+             "--data-dir", ledger], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        with GMVClient(f"127.0.0.1:{port}", timeout_s=300.0) as client:
+            client.wait_until_ready(timeout_s=300.0)
+            return [[(c.training_id, c.contributor_id, c.credit) for c in
+                     client.attribute(data, f"compare-{i}", top_k=10, record=False).credits]
+                    for i, data in enumerate(queries)]
+    except BaseException:
+        print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(ledger, ignore_errors=True)
+
+
+def compare_served(milvus_uri: str, feature_store: str, ours: str, theirs: str, queries: list[bytes],
+                   served: dict) -> str:
+    """The top-10 credits of `queries` through `gmv serve` for each collection (served: a cache
+    of served_top10 by collection): ids, contributors and ranks identical, credits within 1e-9."""
+    for name in (ours, theirs):
+        if name not in served:
+            served[name] = served_top10(milvus_uri, feature_store, name, queries)
+    same_top = same_credit = both = 0
+    for x, y in zip(served[ours], served[theirs]):
+        top = [c[:2] for c in x] == [c[:2] for c in y]
+        credit = len(x) == len(y) and all(abs(a[2] - b[2]) <= 1e-9 for a, b in zip(x, y))
+        same_top, same_credit, both = same_top + top, same_credit + credit, both + (top and credit)
+    sizes = sorted({len(x) for x in served[ours]} | {len(y) for y in served[theirs]})
+    return (f"{ours} vs {theirs} through gmv serve (one subprocess per collection, Python SDK): top-10 "
+            f"(ids and contributors, in rank order) identical for {same_top} of {len(queries)} queries, credits "
+            f"equal within 1e-9 for {same_credit}, both for **{both} of {len(queries)}** (credits per query: {sizes})")
+
+
 def compare(index, ours: str, theirs: str, queries: list) -> str:
     """Whether two builds of the same images made the same collection: rows, recall vectors,
     re-rank features, and the top-10 credits of `queries` (PIL images) through Attributor."""
@@ -170,10 +231,15 @@ def main() -> None:
                 from gmv_engine.decode import load_image_file
                 from gmv_engine.ingest import read_manifest
 
-                queries = [load_image_file(row.path)[0] for row in read_manifest(manifest)[args.rows:args.rows + 100]]
+                held_out = read_manifest(manifest)[args.rows:args.rows + 100]
+                queries = [load_image_file(row.path)[0] for row in held_out]
+                query_bytes = [Path(row.path).read_bytes() for row in held_out]
                 names = [r["name"] for r in results]
+                served: dict = {}
                 for other in names[1:]:
                     print(compare(index, other, names[0], queries), flush=True)
+                    print(compare_served(milvus.uri, index.feature_store.uri, other, names[0], query_bytes, served),
+                          flush=True)
             local = next((r for r in results if r["kind"] == "local"), None)
             for r in results:
                 overhead = (f"{1000 * (r['rows_s'] - local['rows_s']) / r['rows']:.2f}"
