@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import os
 import platform
 import random
@@ -100,7 +101,11 @@ def run_once(manifest: Path, rows: int, profile_name: str, device_name: str, wor
     milvus_dir = workdir / f"milvus-{rows}"
     shutil.rmtree(milvus_dir, ignore_errors=True)
     with EmbeddedMilvus(milvus_dir, port=free_port()) as milvus:
-        index = TrainingIndex(milvus.uri, timeout_s=120.0)
+        # Re-rank features where `gmv index build` puts them: the feature store on the data dir
+        # (code before the store, which had no such parameter, keeps them in Milvus).
+        store = ({"feature_store": str(milvus_dir / "features")}
+                 if "feature_store" in inspect.signature(TrainingIndex).parameters else {})
+        index = TrainingIndex(milvus.uri, timeout_s=120.0, **store)
         try:
             marks: dict[str, float] = {}
 
