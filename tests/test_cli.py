@@ -195,3 +195,19 @@ def test_gmv_milvus_start_serves_every_command_on_its_data_dir_until_stopped(tmp
         assert processes_mentioning(str(data_dir)) == []
     finally:
         gmv("milvus", "stop", *flags)
+
+
+def test_gmv_demo_runs_end_to_end_with_the_default_feature_store(tmp_path):
+    """`make demo`'s command on a fresh data dir, configured by nothing but its flags (the
+    session's GMV_FEATURE_STORE removed): it builds with its own embedded Milvus and feature
+    store in the data dir, serves through a `gmv serve` of its own, and prints credits."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "GMV_FEATURE_STORE"}
+    data_dir = tmp_path / "gmv"
+    run = subprocess.run([*GMV, "demo", "--profile", "offline", "--data-dir", str(data_dir), "--workdir",
+                          str(tmp_path / "demo"), "--show", "2"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "share of top-10 training images from the generation's own class" in run.stdout
+    assert list((data_dir / "features").glob("digits_demo_offline.*/*.f16.npy"))

@@ -46,6 +46,8 @@ def run(args) -> int:
         command = [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--port", str(port),
                    "--milvus-uri", index.uri, "--device", device_name, "--host", "127.0.0.1",
                    "--data-dir", settings.data_dir]
+        if index.feature_store is not None:  # where this run put the re-rank features
+            command += ["--feature-store", index.feature_store.uri]
         print(f"\nstarting the server: gmv serve --collection {collection} --port {port} (on the same Milvus)")
         server = subprocess.Popen(command)
         try:
