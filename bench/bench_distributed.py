@@ -104,38 +104,18 @@ def build(kind: str, workers: int, index, manifest: Path, rows: int, components,
 
 def served_top10(milvus_uri: str, feature_store: str, collection: str, queries: list[bytes]) -> list[list[tuple]]:
     """The top-10 credits of `queries` (image bytes) through a `gmv serve` subprocess serving
-    `collection` on `milvus_uri`, asked through the Python SDK: per query, its credits as
-    (training_id, contributor_id, credit) in rank order. The server is stopped after."""
-    import signal
-    import subprocess
+    `collection` on `milvus_uri` (gmv eval's own launcher), asked through the Python SDK: per
+    query, its credits as (training_id, contributor_id, credit) in rank order."""
+    from gmv_eval.command import served
 
-    from gmv_client import GMVClient
-    from gmv_engine.milvus.embedded import free_port
-
-    port = free_port()
-    ledger = tempfile.mkdtemp(prefix="gmv-bench-distributed-ledger-")
-    log = Path(ledger) / "serve.log"
-    with log.open("ab") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gmv_server.cli", "serve", "--collection", collection, "--host", "127.0.0.1",
-             "--port", str(port), "--milvus-uri", milvus_uri, "--feature-store", feature_store, "--device", "cpu",
-             "--data-dir", ledger], stdout=log_file, stderr=subprocess.STDOUT)
+    ledger = Path(tempfile.mkdtemp(prefix="gmv-bench-distributed-ledger-"))
     try:
-        with GMVClient(f"127.0.0.1:{port}", timeout_s=300.0) as client:
-            client.wait_until_ready(timeout_s=300.0)
+        with served(milvus_uri, collection, "", {}, "cpu", ledger, ledger / "serve.log",
+                    feature_store=feature_store) as client:
             return [[(c.training_id, c.contributor_id, c.credit) for c in
                      client.attribute(data, f"compare-{i}", top_k=10, record=False).credits]
                     for i, data in enumerate(queries)]
-    except BaseException:
-        print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
-        raise
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
         shutil.rmtree(ledger, ignore_errors=True)
 
 
