@@ -48,7 +48,10 @@ def digits_on_embedded_milvus(profile_name: str, device_name: str, collection: s
     existing = os.environ.get("GMV_BENCH_MILVUS_URI")  # a Milvus already running (the ingest resumes)
     with contextlib.nullcontext(SimpleNamespace(uri=existing)) if existing else \
             EmbeddedMilvus(workdir / "milvus", port=free_port()) as milvus:
-        index = TrainingIndex(milvus.uri, feature_store=str(workdir / "features"))
+        # A Milvus that outlives this run keeps its collections, so their features must outlive it too.
+        features = Path(tempfile.gettempdir()) / f"gmv-bench-features-{_slug(existing)}" if existing else \
+            workdir / "features"
+        index = TrainingIndex(milvus.uri, feature_store=str(features))
         info = CollectionInfo(profile.name, encoder.name, encoder.dim, reranker.name, reranker.feature_dim)
         start = time.perf_counter()
         report = ingest(index, collection, rows, info, encoder, reranker, progress=False)
@@ -57,6 +60,10 @@ def digits_on_embedded_milvus(profile_name: str, device_name: str, collection: s
             yield DigitsBench(profile, device, digits, rows, encoder, reranker, milvus.uri, index, report, seconds)
         finally:
             index.close()
+
+
+def _slug(uri: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in uri)
 
 
 @contextlib.contextmanager

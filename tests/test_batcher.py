@@ -137,7 +137,8 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_request(policy):
     asyncio.run(main())
     batch_of_b = next(i for i, batch in enumerate(batches) if "b" in batch)
     if policy == "fair":
-        assert batch_of_b == 1 and batches[1][:2] == ["a0", "b"]  # the very next batch, taken in turn
+        # the very next batch, taken in turn, and first in it: a tenant with no backlog goes first
+        assert batch_of_b == 1 and batches[1][:2] == ["b", "a0"]
     else:
         assert batch_of_b == len(batches) - 1  # arrival order: behind the whole flood
 
@@ -333,3 +334,57 @@ def test_tenant_limits_refuse_unary_calls_and_make_stream_items_wait():
             pass
 
     asyncio.run(scenario())
+
+
+def test_a_bulk_batch_answers_another_tenants_request_with_its_first_chunk():
+    """One lane, so b's single request lands in a's bulk batch: it goes into the first chunk and
+    its caller is answered when that chunk ends, not after the whole batch."""
+    gate, first_started, chunks = threading.Event(), threading.Event(), []
+
+    def run(images, top_ks, checkpoint=None):
+        if images[0] == "a-first":
+            first_started.set()
+            gate.wait(5)
+        checkpoint()
+        time.sleep(0.05)
+        chunks.append((list(images), time.monotonic()))
+        return list(images)
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=8, max_queue_delay_s=0, lanes=1, bulk_chunk=2)
+        batcher.start()
+        async with batcher.admission.admit("a"), batcher.admission.admit("b"):  # both tenants in progress
+            first = asyncio.create_task(batcher.submit("a-first", 1, None, tenant="a"))
+            await asyncio.to_thread(first_started.wait)
+            flood = [asyncio.create_task(batcher.submit(f"a{i}", 1, None, tenant="a")) for i in range(12)]
+            await asyncio.sleep(0)
+            victim = asyncio.create_task(batcher.submit("b", 1, None, tenant="b"))
+            await asyncio.sleep(0)
+            gate.set()
+            assert await victim == "b"
+            answered = time.monotonic()
+            await asyncio.gather(first, *flood)
+        await batcher.stop()
+        return answered
+
+    answered = asyncio.run(main())
+    first_chunk = next(i for i, (images, _) in enumerate(chunks) if "b" in images)
+    assert chunks[first_chunk][0][0] == "b" and len(chunks[first_chunk][0]) == 2
+    later = [ended for _, ended in chunks[first_chunk + 1:first_chunk + 4]]  # the rest of b's batch
+    assert len(later) == 3 and answered < later[-1], (answered, chunks)
+
+
+def test_tenants_share_the_server_a_while_after_the_second_ones_request_ended():
+    """A client that sends one request at a time has none in progress between two of them; the
+    server still counts as shared then, so a flood's batches keep giving way to it."""
+    async def main():
+        admission = Admission(max_requests=8, tenant_share=1.0, metrics=ServerMetrics(), recent_s=0.1)
+        async with admission.admit("flood"):
+            assert not admission.shared()
+            async with admission.admit("probe"):
+                assert admission.shared()
+            assert admission.shared()  # between the probe's requests
+            await asyncio.sleep(0.15)
+            assert not admission.shared()  # the probe has gone quiet
+
+    asyncio.run(main())

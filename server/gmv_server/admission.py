@@ -27,26 +27,37 @@ from .metrics import ServerMetrics
 
 DEFAULT_LINE_BYTES = int(DEFAULTS.max_tenant_line_mb * 1024 * 1024)
 REQUEST_OVERHEAD_BYTES = 16 * 1024  # what a waiting request holds besides its image (message, task)
+# Tenants count as sharing the server this long after two last had requests in progress: one that
+# sends a request at a time is back within milliseconds, and a flood must still give way to it.
+RECENT_S = 1.0
 
 
 class Admission:
     def __init__(self, max_requests: int, tenant_share: float, metrics: ServerMetrics,
-                 line_bytes: int = DEFAULT_LINE_BYTES):
+                 line_bytes: int = DEFAULT_LINE_BYTES, recent_s: float = RECENT_S):
         if max_requests < 1 or not 0 < tenant_share <= 1:
             raise ValueError("max_requests must be >= 1 and tenant_share in (0, 1]")
         self.max_requests = max_requests
         self.max_per_tenant = max(1, int(max_requests * tenant_share))
         self.metrics = metrics
         self._per_tenant: dict[str, int] = {}
+        self.recent_s = recent_s
+        self._shared_until = 0.0  # time.monotonic() until which the server counts as shared
         self._total = 0
         self.line_bytes = line_bytes
         self._lines: dict[str, deque[asyncio.Future]] = {}  # tenant -> waiters, oldest first
         self._line_held: dict[str, int] = {}  # tenant -> bytes its waiters hold
         metrics.queue_capacity.set(max_requests)
 
-    def tenants(self) -> int:
-        """How many tenants have requests in progress."""
-        return len(self._per_tenant)
+    def shared(self) -> bool:
+        """Whether more than one tenant has requests in progress, or had in the last `recent_s`
+        (a client that sends one request at a time has none in progress between them). Read from
+        the lanes' threads: two reads of values the event loop replaces whole."""
+        return len(self._per_tenant) > 1 or time.monotonic() < self._shared_until
+
+    def _note_sharing(self) -> None:
+        if len(self._per_tenant) > 1:
+            self._shared_until = time.monotonic() + self.recent_s
 
     def refusal(self, tenant: str) -> str:
         """'' when the tenant may start one more request, else why not."""
@@ -80,9 +91,11 @@ class Admission:
                     del self._line_held[tenant]
         self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         self._total += 1
+        self._note_sharing()
         try:
             yield
         finally:
+            self._note_sharing()
             self._total -= 1
             self._per_tenant[tenant] -= 1
             if not self._per_tenant[tenant]:

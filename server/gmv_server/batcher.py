@@ -129,6 +129,18 @@ class FairQueue:
         await asyncio.wait_for(self._changed.wait(), timeout_s)
 
 
+def _settle(done: list[_Pending], outcomes: "list | BaseException") -> None:
+    """Each caller's result or exception (outcomes: one per request, or one for all)."""
+    each = [outcomes] * len(done) if isinstance(outcomes, BaseException) else outcomes
+    for pending, outcome in zip(done, each):
+        if pending.future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
+
+
 class LanePriority:
     """Interactive batches before bulk ones, at stage granularity: while any lane runs an
     interactive batch, a bulk lane waits at its next checkpoint (between pipeline stages), for at
@@ -267,36 +279,42 @@ class DynamicBatcher:
             live.append(pending)
         if not live:
             return
+        if not interactive:  # requests of tenants with no backlog go in the first chunk (stable: else in turn)
+            live.sort(key=lambda pending: self._queue.waiting(pending.tenant) > 0)
+        loop = asyncio.get_running_loop()
+
+        def deliver(done: list[_Pending], outcomes: list) -> None:  # on the lane's thread, as each chunk ends
+            loop.call_soon_threadsafe(_settle, done, outcomes)
+
         started = time.perf_counter()
         ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
         try:
             context = contextvars.copy_context()
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._threads, context.run, self._run_prioritised, live, interactive)
+            await loop.run_in_executor(self._threads, context.run, self._run_prioritised, live, interactive, deliver)
+        except BaseException as exc:
+            _settle([p for p in live if not p.future.done()], exc)  # never leave a caller waiting
+            raise
         finally:
             generation_ids.reset(ids)
         self.metrics.batch_executions.inc()
         self.metrics.batch_size.observe(len(live))
         self.metrics.compute_seconds.observe(time.perf_counter() - started)
-        for pending, result in zip(live, results):
-            if pending.future.done():
-                continue
-            if isinstance(result, Exception):
-                pending.future.set_exception(result)
-            else:
-                pending.future.set_result(result)
 
-    def _run_prioritised(self, live: list[_Pending], interactive: bool) -> list:
+    def _run_prioritised(self, live: list[_Pending], interactive: bool,
+                         deliver: Callable[[list[_Pending], list], None]) -> None:
         if interactive:
             with self.priority.interactive():
-                return self._run_isolating(live, _no_checkpoint)
-        # A bulk batch runs in chunks while other tenants have requests in progress, so an
-        # interactive batch that arrives waits for at most one chunk's stage, not the batch's.
-        outcomes: list = []
-        while len(outcomes) < len(live):
-            size = self.bulk_chunk if self.admission.tenants() > 1 else len(live)
-            outcomes.extend(self._run_isolating(live[len(outcomes):len(outcomes) + size], self.priority.give_way))
-        return outcomes
+                deliver(live, self._run_isolating(live, _no_checkpoint))
+            return
+        # A bulk batch runs in chunks while other tenants share the server, so an interactive
+        # batch that arrives waits for at most one chunk's stage, not the batch's; each chunk's
+        # callers get their answers as it ends.
+        position = 0
+        while position < len(live):
+            size = self.bulk_chunk if self.admission.shared() else len(live)
+            chunk = live[position:position + size]
+            deliver(chunk, self._run_isolating(chunk, self.priority.give_way))
+            position += len(chunk)
 
     def _run_isolating(self, live: list[_Pending], checkpoint: Callable[[], None]) -> list:
         """One result per request, or the exception that request alone causes: when a batch fails,
