@@ -388,3 +388,36 @@ def test_tenants_share_the_server_a_while_after_the_second_ones_request_ended():
             assert not admission.shared()  # the probe has gone quiet
 
     asyncio.run(main())
+
+
+def test_a_tenant_with_requests_on_their_way_is_bulk_though_none_are_queued():
+    """A flood's queue runs empty at moments while many of its requests are still decoding or
+    waiting for a place: its batch is bulk all the same, so another tenant's request in it
+    goes first instead of waiting for the whole batch."""
+    gate, first_started, chunks = threading.Event(), threading.Event(), []
+
+    def run(images, top_ks, checkpoint=None):
+        if images[0] == "a-first":
+            first_started.set()
+            gate.wait(5)
+        chunks.append(list(images))
+        return list(images)
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=8, max_queue_delay_s=0, lanes=1, bulk_chunk=1)
+        batcher.start()
+        async with contextlib.AsyncExitStack() as places:
+            for _ in range(6):  # a: six requests in progress, only three of them ever queued
+                await places.enter_async_context(batcher.admission.admit("a"))
+            await places.enter_async_context(batcher.admission.admit("b"))
+            first = asyncio.create_task(batcher.submit("a-first", 1, None, tenant="a"))
+            await asyncio.to_thread(first_started.wait)
+            rest = [asyncio.create_task(batcher.submit(name, 1, None, tenant=tenant))
+                    for name, tenant in (("a0", "a"), ("a1", "a"), ("b", "b"))]
+            await asyncio.sleep(0)
+            gate.set()
+            await asyncio.gather(first, *rest)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert chunks == [["a-first"], ["b"], ["a0"], ["a1"]]

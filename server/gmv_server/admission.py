@@ -49,6 +49,10 @@ class Admission:
         self._line_held: dict[str, int] = {}  # tenant -> bytes its waiters hold
         metrics.queue_capacity.set(max_requests)
 
+    def in_progress(self, tenant: str) -> int:
+        """The tenant's requests admitted and not yet answered."""
+        return self._per_tenant.get(tenant, 0)
+
     def shared(self) -> bool:
         """Whether more than one tenant has requests in progress, or had in the last `recent_s`
         (a client that sends one request at a time has none in progress between them). Read from

@@ -12,10 +12,12 @@ is dropped, not computed. Batches run on the lanes' own threads, so the event lo
 accepting calls while the models work, and a batch never waits behind other thread work.
 
 Lanes share the machine's cores, so a flood's batch would slow another tenant's batch that runs
-beside it. A batch is *bulk* when one of its tenants still has requests waiting (a backlog), and
-*interactive* otherwise; bulk lanes pause between pipeline stages while an interactive batch
-runs (`LanePriority`), so a tenant under its fair share gets its answer in about the time of an
-idle server, and a flood alone still runs at full speed.
+beside it. A batch is *bulk* when one of its tenants has more requests in progress than the batch
+holds (a backlog: queued, decoding, waiting for a place), and *interactive* otherwise; bulk lanes
+pause between pipeline stages while an interactive batch runs (`LanePriority`), and while other
+tenants share the server a bulk batch runs in small chunks, the requests of tenants without a
+backlog in the first, each chunk answered as it ends. So a tenant under its fair share gets its
+answer in about the time of an idle server, and a flood alone still runs at full speed.
 """
 from __future__ import annotations
 
@@ -254,12 +256,23 @@ class DynamicBatcher:
         self.metrics.queue_depth.set(len(self._queue))
         return batch
 
+    def _backlogged(self, batch: list[_Pending]) -> set[str]:
+        """The batch's tenants with more requests than the batch holds: queued, or in progress
+        elsewhere (decoding, waiting for a place, in another lane). A flood's queue runs empty at
+        moments while it still has a hundred requests on their way; a client that sends one
+        request at a time has only the one."""
+        held: dict[str, int] = {}
+        for pending in batch:
+            held[pending.tenant] = held.get(pending.tenant, 0) + 1
+        return {tenant for tenant, count in held.items()
+                if self._queue.waiting(tenant) or self.admission.in_progress(tenant) > count}
+
     async def _run(self) -> None:
         while True:
             mine: set[str] = set()  # the tenants in this lane's batch
             try:
                 batch = await self._next_batch(mine)
-                interactive = not any(self._queue.waiting(tenant) for tenant in mine)
+                interactive = not self._backlogged(batch)
                 await self._run_batch(batch, interactive)
             finally:
                 self._release(mine)
@@ -280,7 +293,8 @@ class DynamicBatcher:
         if not live:
             return
         if not interactive:  # requests of tenants with no backlog go in the first chunk (stable: else in turn)
-            live.sort(key=lambda pending: self._queue.waiting(pending.tenant) > 0)
+            backlogged = self._backlogged(live)
+            live.sort(key=lambda pending: pending.tenant in backlogged)
         loop = asyncio.get_running_loop()
 
         def deliver(done: list[_Pending], outcomes: list) -> None:  # on the lane's thread, as each chunk ends
