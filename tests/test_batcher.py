@@ -421,3 +421,50 @@ def test_a_tenant_with_requests_on_their_way_is_bulk_though_none_are_queued():
 
     asyncio.run(main())
     assert chunks == [["a-first"], ["b"], ["a0"], ["a1"]]
+
+
+def test_a_tenant_answered_early_in_a_bulk_batch_gives_up_its_lane():
+    """b's request rode in a's bulk batch and was answered with the first chunk; b's next
+    request, sent on that answer, goes to the other lane at once instead of waiting for the
+    rest of a's batch (b no longer counts as holding the busy lane)."""
+    gate_a, gate_c, a_started, c_started = (threading.Event() for _ in range(4))
+    chunks = []
+
+    def run(images, top_ks, checkpoint=None):
+        if images[0] == "c":
+            c_started.set()
+            gate_c.wait(5)
+        elif images[0] == "a-first":
+            a_started.set()
+            gate_a.wait(5)
+        elif images[0].startswith(("a", "b0")):
+            checkpoint()
+            time.sleep(0.05)
+        chunks.append((list(images), time.monotonic()))
+        return list(images)
+
+    async def main():
+        batcher = DynamicBatcher(run, ServerMetrics(), max_batch_size=8, max_queue_delay_s=0, lanes=2, bulk_chunk=2)
+        batcher.start()
+        async with batcher.admission.admit("a"), batcher.admission.admit("b"):  # tenants sharing the server
+            c = asyncio.create_task(batcher.submit("c", 1, None, tenant="c"))  # holds one lane
+            await asyncio.to_thread(c_started.wait)
+            first = asyncio.create_task(batcher.submit("a-first", 1, None, tenant="a"))  # and the other
+            await asyncio.to_thread(a_started.wait)
+            flood = [asyncio.create_task(batcher.submit(f"a{i}", 1, None, tenant="a")) for i in range(10)]
+            b0 = asyncio.create_task(batcher.submit("b0", 1, None, tenant="b"))
+            await asyncio.sleep(0)
+            gate_a.set()  # a's lane takes a's next batch, and b0 with it
+            await b0
+            gate_c.set()  # the other lane frees
+            assert await asyncio.wait_for(batcher.submit("b1", 1, None, tenant="b"), 5) == "b1"
+            answered = time.monotonic()
+            await asyncio.gather(c, first, *flood)
+        await batcher.stop()
+        return answered
+
+    answered = asyncio.run(main())
+    mixed = next(i for i, (images, _) in enumerate(chunks) if "b0" in images)
+    assert chunks[mixed][0][0] == "b0"
+    rest_of_batch = [ended for images, ended in chunks[mixed + 1:] if images[0].startswith("a")][:3]
+    assert len(rest_of_batch) == 3 and answered < rest_of_batch[-1], (answered, chunks)

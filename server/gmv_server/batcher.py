@@ -273,11 +273,11 @@ class DynamicBatcher:
             try:
                 batch = await self._next_batch(mine)
                 interactive = not self._backlogged(batch)
-                await self._run_batch(batch, interactive)
+                await self._run_batch(batch, interactive, mine)
             finally:
                 self._release(mine)
 
-    async def _run_batch(self, batch: list[_Pending], interactive: bool = True) -> None:
+    async def _run_batch(self, batch: list[_Pending], interactive: bool = True, mine: set[str] | None = None) -> None:
         now = time.monotonic()
         live = []
         for pending in batch:
@@ -298,7 +298,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
 
         def deliver(done: list[_Pending], outcomes: list) -> None:  # on the lane's thread, as each chunk ends
-            loop.call_soon_threadsafe(_settle, done, outcomes)
+            loop.call_soon_threadsafe(self._chunk_done, done, outcomes, live, mine)
 
         started = time.perf_counter()
         ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
@@ -313,6 +313,20 @@ class DynamicBatcher:
         self.metrics.batch_executions.inc()
         self.metrics.batch_size.observe(len(live))
         self.metrics.compute_seconds.observe(time.perf_counter() - started)
+
+    def _chunk_done(self, done: list[_Pending], outcomes: list, live: list[_Pending], mine: set[str] | None) -> None:
+        """Answer a chunk's callers, and give up the lane for its tenants with nothing later in the
+        batch: a client that sends its next request on the answer must not find its tenant still
+        holding this lane (it would then wait for the rest of the batch, and again each time)."""
+        _settle(done, outcomes)
+        if mine is None or done[-1] is live[-1]:
+            return  # the lane releases its tenants when the batch ends
+        end = next(i for i, pending in enumerate(live) if pending is done[-1]) + 1
+        later = {pending.tenant for pending in live[end:]}
+        freed = {pending.tenant for pending in done} & mine - later
+        if freed:
+            mine -= freed
+            self._release(freed)
 
     def _run_prioritised(self, live: list[_Pending], interactive: bool,
                          deliver: Callable[[list[_Pending], list], None]) -> None:
