@@ -272,12 +272,12 @@ class DynamicBatcher:
             mine: set[str] = set()  # the tenants in this lane's batch
             try:
                 batch = await self._next_batch(mine)
-                interactive = not self._backlogged(batch)
-                await self._run_batch(batch, interactive, mine)
+                await self._run_batch(batch, self._backlogged(batch), mine)
             finally:
                 self._release(mine)
 
-    async def _run_batch(self, batch: list[_Pending], interactive: bool = True, mine: set[str] | None = None) -> None:
+    async def _run_batch(self, batch: list[_Pending], backlogged: set[str], mine: set[str]) -> None:
+        """Run the batch on a lane's thread: *interactive* when none of its tenants is backlogged."""
         now = time.monotonic()
         live = []
         for pending in batch:
@@ -292,13 +292,13 @@ class DynamicBatcher:
             live.append(pending)
         if not live:
             return
-        if not interactive:  # requests of tenants with no backlog go in the first chunk (stable: else in turn)
-            backlogged = self._backlogged(live)
+        interactive = not backlogged
+        if backlogged:  # requests of tenants with no backlog go in the first chunk (stable: else in turn)
             live.sort(key=lambda pending: pending.tenant in backlogged)
         loop = asyncio.get_running_loop()
 
-        def deliver(done: list[_Pending], outcomes: list) -> None:  # on the lane's thread, as each chunk ends
-            loop.call_soon_threadsafe(self._chunk_done, done, outcomes, live, mine)
+        def deliver(start: int, end: int, outcomes: list) -> None:  # on the lane's thread, as each chunk ends
+            loop.call_soon_threadsafe(self._chunk_done, live[start:end], outcomes, live[end:], mine)
 
         started = time.perf_counter()
         ids = generation_ids.set(tuple(p.generation_id for p in live))  # lines logged while the batch runs
@@ -314,25 +314,23 @@ class DynamicBatcher:
         self.metrics.batch_size.observe(len(live))
         self.metrics.compute_seconds.observe(time.perf_counter() - started)
 
-    def _chunk_done(self, done: list[_Pending], outcomes: list, live: list[_Pending], mine: set[str] | None) -> None:
+    def _chunk_done(self, done: list[_Pending], outcomes: list, later: list[_Pending], mine: set[str]) -> None:
         """Answer a chunk's callers, and give up the lane for its tenants with nothing later in the
         batch: a client that sends its next request on the answer must not find its tenant still
         holding this lane (it would then wait for the rest of the batch, and again each time)."""
         _settle(done, outcomes)
-        if mine is None or done[-1] is live[-1]:
+        if not later:
             return  # the lane releases its tenants when the batch ends
-        end = next(i for i, pending in enumerate(live) if pending is done[-1]) + 1
-        later = {pending.tenant for pending in live[end:]}
-        freed = {pending.tenant for pending in done} & mine - later
+        freed = {pending.tenant for pending in done} & mine - {pending.tenant for pending in later}
         if freed:
             mine -= freed
             self._release(freed)
 
     def _run_prioritised(self, live: list[_Pending], interactive: bool,
-                         deliver: Callable[[list[_Pending], list], None]) -> None:
+                         deliver: Callable[[int, int, list], None]) -> None:
         if interactive:
             with self.priority.interactive():
-                deliver(live, self._run_isolating(live, _no_checkpoint))
+                deliver(0, len(live), self._run_isolating(live, _no_checkpoint))
             return
         # A bulk batch runs in chunks while other tenants share the server, so an interactive
         # batch that arrives waits for at most one chunk's stage, not the batch's; each chunk's
@@ -341,7 +339,7 @@ class DynamicBatcher:
         while position < len(live):
             size = self.bulk_chunk if self.admission.shared() else len(live)
             chunk = live[position:position + size]
-            deliver(chunk, self._run_isolating(chunk, self.priority.give_way))
+            deliver(position, position + len(chunk), self._run_isolating(chunk, self.priority.give_way))
             position += len(chunk)
 
     def _run_isolating(self, live: list[_Pending], checkpoint: Callable[[], None]) -> list:
